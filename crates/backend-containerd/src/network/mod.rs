@@ -1,0 +1,905 @@
+//! VM networking with CNI: one network namespace per VM, one interface per BOSH
+//! network, all through Debian's `containernetworking-plugins`.
+//!
+//! - Manual networks: the `bridge` plugin (one bridge per BOSH subnet, `bcpi<hash>`,
+//!   the host holding the gateway address, outbound NAT) with `static` IPAM giving the
+//!   BOSH address, gateway and routes.
+//! - Dynamic networks: the same bridge with `host-local` IPAM allocating from the
+//!   network's `subnet` cloud property (or `containerd.dynamic_subnet`); the assigned
+//!   address is reported back to the director.
+//! - Every list ends with the `firewall` plugin, which lets the VM's traffic through
+//!   the host's FORWARD chain (Docker sets its policy to DROP), and the default
+//!   gateway's list with `portmap` when the VM publishes `ports`.
+//!
+//! What was run is written to the VM directory *before* it runs, so that DEL can be
+//! replayed after a crash halfway ([`teardown`] is idempotent).
+
+pub mod cni;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use cpi_core::{Network, NetworkType, Networks};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ContainerdError, Result};
+
+/// One CNI attachment of a VM: an interface and the plugin list that made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The BOSH network it serves; `None` for the loopback interface.
+    pub network: Option<String>,
+    /// The interface in the VM (`lo`, `eth0`, ...).
+    pub ifname: String,
+    /// The CNI network configuration list.
+    pub conflist: Value,
+    /// Runtime configuration for plugins' capabilities (`portMappings`).
+    #[serde(default)]
+    pub runtime_config: Map<String, Value>,
+    /// Whether ADD was started (recorded before it runs): only those get a DEL.
+    #[serde(default)]
+    pub attempted: bool,
+    /// The ADD result, once ADD succeeded.
+    #[serde(default)]
+    pub result: Option<Value>,
+}
+
+/// Everything needed to undo a VM's networking, stored as `network.json` in its
+/// directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkState {
+    /// The network namespace's name (`ip netns`), the VM cid.
+    pub netns: String,
+    /// The attachments, in the order they are added.
+    pub attachments: Vec<Attachment>,
+}
+
+/// Where network plugins keep their state, below the CPI's state dir.
+pub fn host_local_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cni").join("host-local")
+}
+
+/// The bridge of a subnet: `bcpi` and 10 hex digits of its hash (15 characters at
+/// most, the kernel's limit for interface names).
+pub fn bridge_name(subnet: &IpNet) -> String {
+    let hash = Sha256::digest(subnet.trunc().to_string().as_bytes());
+    let hex: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
+    format!("bcpi{hex}")
+}
+
+/// A published port: host port, container port, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// Port on the host.
+    pub host_port: u16,
+    /// Port in the VM.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+}
+
+/// Parses a `ports` cloud property entry: `6868`, `6868/tcp`, `8443:443/tcp`.
+pub fn parse_port(spec: &str) -> Result<PortMapping> {
+    let bad = || {
+        ContainerdError::BadArgument(format!(
+            "VM cloud_properties.ports entry {spec:?} is not of the form PORT[/tcp|udp] or \
+             HOSTPORT:PORT[/tcp|udp]"
+        ))
+    };
+    let (ports, protocol) = match spec.split_once('/') {
+        None => (spec, "tcp"),
+        Some((p, "tcp")) => (p, "tcp"),
+        Some((p, "udp")) => (p, "udp"),
+        Some(_) => return Err(bad()),
+    };
+    let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+    let (host_port, container_port) = match ports.split_once(':') {
+        None => (port(ports)?, port(ports)?),
+        Some((h, c)) => (port(h)?, port(c)?),
+    };
+    Ok(PortMapping {
+        host_port,
+        container_port,
+        protocol,
+    })
+}
+
+fn default_route(addr: &IpNet, gateway: IpAddr) -> Value {
+    let dst = if addr.addr().is_ipv4() {
+        "0.0.0.0/0"
+    } else {
+        "::/0"
+    };
+    json!({"dst": dst, "gw": gateway.to_string()})
+}
+
+/// The subnet a dynamic network allocates from.
+fn dynamic_subnet(net: &Network, fallback: IpNet) -> Result<IpNet> {
+    match net.cloud_property_str("subnet") {
+        None => Ok(fallback),
+        Some(s) => s.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
+            ContainerdError::BadArgument(format!(
+                "network '{}': cloud_properties.subnet {s:?} is not a CIDR such as 10.252.0.0/24",
+                net.name
+            ))
+        }),
+    }
+}
+
+/// The first usable address of a subnet: the gateway host-local hands out.
+fn first_host(subnet: &IpNet) -> Option<IpAddr> {
+    subnet.hosts().next()
+}
+
+/// Plans a VM's attachments: loopback, then one interface per non-vip network in
+/// name order (`eth0`, `eth1`, ...). Pure: nothing runs.
+pub fn plan(
+    vm_cid: &str,
+    networks: &Networks,
+    ports: &[String],
+    state_dir: &Path,
+    fallback_dynamic: IpNet,
+) -> Result<NetworkState> {
+    let mut attachments = vec![Attachment {
+        network: None,
+        ifname: "lo".into(),
+        conflist: json!({"cniVersion": cni::CNI_VERSION, "name": "bcpi-loopback",
+                         "plugins": [{"type": "loopback"}]}),
+        runtime_config: Map::new(),
+        attempted: false,
+        result: None,
+    }];
+    let mappings = ports
+        .iter()
+        .map(|p| parse_port(p))
+        .collect::<Result<Vec<_>>>()?;
+    let default_gw = networks.default_gateway().map(|n| n.name.clone());
+    let mut index = 0;
+    for net in networks.iter() {
+        if net.kind == NetworkType::Vip {
+            tracing::info!(network = %net.name, "vip network: no interface is created for it");
+            continue;
+        }
+        let is_default = default_gw.as_deref() == Some(net.name.as_str());
+        let (subnet, ipam, has_gateway) = match net.kind {
+            NetworkType::Manual => {
+                let addr = net.address.ok_or_else(|| {
+                    ContainerdError::BadArgument(format!("manual network '{}' has no ip", net.name))
+                })?;
+                let mut routes: Vec<Value> = net
+                    .routes
+                    .iter()
+                    .map(|r| json!({"dst": r.destination.to_string(), "gw": r.gateway.to_string()}))
+                    .collect();
+                let mut address = json!({"address": addr.to_string()});
+                if let Some(gw) = net.gateway {
+                    address["gateway"] = json!(gw.to_string());
+                    if is_default {
+                        routes.push(default_route(&addr, gw));
+                    }
+                }
+                (
+                    addr.trunc(),
+                    json!({"type": "static", "addresses": [address], "routes": routes}),
+                    net.gateway.is_some(),
+                )
+            }
+            NetworkType::Dynamic => {
+                let subnet = dynamic_subnet(net, fallback_dynamic)?;
+                let gateway = first_host(&subnet).ok_or_else(|| {
+                    ContainerdError::BadArgument(format!(
+                        "network '{}': subnet {subnet} has no room for a gateway and VMs",
+                        net.name
+                    ))
+                })?;
+                let mut routes: Vec<Value> = net
+                    .routes
+                    .iter()
+                    .map(|r| json!({"dst": r.destination.to_string(), "gw": r.gateway.to_string()}))
+                    .collect();
+                if is_default {
+                    routes.push(default_route(&subnet, gateway));
+                }
+                (
+                    subnet,
+                    json!({"type": "host-local",
+                           "ranges": [[{"subnet": subnet.to_string(), "gateway": gateway.to_string()}]],
+                           "routes": routes,
+                           "dataDir": host_local_dir(state_dir).display().to_string()}),
+                    true,
+                )
+            }
+            NetworkType::Vip => continue,
+        };
+        let bridge = bridge_name(&subnet);
+        let mut bridge_plugin = json!({"type": "bridge", "bridge": bridge, "isGateway": has_gateway,
+               "ipMasq": has_gateway, "hairpinMode": true, "ipam": ipam});
+        if net.kind == NetworkType::Dynamic {
+            // Lets a later ADD ask host-local for the address the VM had
+            // (restoring a VM after a host reboot).
+            bridge_plugin["capabilities"] = json!({"ips": true});
+        }
+        let mut plugins = vec![bridge_plugin, json!({"type": "firewall"})];
+        let mut runtime_config = Map::new();
+        if is_default && !mappings.is_empty() {
+            plugins.push(json!({"type": "portmap", "snat": true,
+                                "capabilities": {"portMappings": true}}));
+            runtime_config.insert(
+                "portMappings".into(),
+                Value::Array(
+                    mappings
+                        .iter()
+                        .map(|m| {
+                            json!({"hostPort": m.host_port, "containerPort": m.container_port,
+                                        "protocol": m.protocol})
+                        })
+                        .collect(),
+                ),
+            );
+        }
+        attachments.push(Attachment {
+            network: Some(net.name.clone()),
+            ifname: format!("eth{index}"),
+            conflist: json!({"cniVersion": cni::CNI_VERSION, "name": format!("bcpi-{}", &bridge[4..]),
+                             "plugins": plugins}),
+            runtime_config,
+            attempted: false,
+            result: None,
+        });
+        index += 1;
+    }
+    Ok(NetworkState {
+        netns: vm_cid.to_owned(),
+        attachments,
+    })
+}
+
+/// Records the addresses CNI assigned to dynamic networks in `networks`.
+pub fn record_assigned(state: &NetworkState, networks: &mut Networks) {
+    let by_name: BTreeMap<&str, &Attachment> = state
+        .attachments
+        .iter()
+        .filter_map(|a| a.network.as_deref().map(|n| (n, a)))
+        .collect();
+    for net in networks.iter_mut() {
+        if net.kind != NetworkType::Dynamic {
+            continue;
+        }
+        let ip = by_name
+            .get(net.name.as_str())
+            .and_then(|a| a.result.as_ref())
+            .and_then(|r| cni::result_ips(r).into_iter().next());
+        if let Some(ip) = ip {
+            net.set_assigned(ip.address, ip.gateway);
+        }
+    }
+}
+
+/// Where manual addresses are reserved: one file per address in use, named by the
+/// address and holding the VM's cid. Static IPAM checks nothing, so this is what
+/// refuses a second VM with an address already in use.
+pub fn reservations_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cni").join("reservations")
+}
+
+/// Reserves the manual addresses of `networks` for `vm_cid` (atomically, across
+/// processes). An address held by a VM whose directory is gone is taken over. On
+/// failure nothing stays reserved for `vm_cid`.
+pub fn reserve_addresses(state_dir: &Path, vm_cid: &str, networks: &Networks) -> Result<()> {
+    let dir = reservations_dir(state_dir);
+    crate::fsutil::create_dirs(&dir, true)?;
+    let addresses: Vec<IpAddr> = networks
+        .iter()
+        .filter(|n| n.kind == NetworkType::Manual)
+        .filter_map(|n| n.ip())
+        .collect();
+    for ip in addresses {
+        if let Err(e) = reserve_one(state_dir, &dir, vm_cid, ip) {
+            release_addresses(state_dir, vm_cid);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn reserve_one(state_dir: &Path, dir: &Path, vm_cid: &str, ip: IpAddr) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(ip.to_string());
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                return f
+                    .write_all(vm_cid.as_bytes())
+                    .map_err(|e| ContainerdError::io("writing", &path, e));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = owner.trim();
+                let alive = !owner.is_empty()
+                    && crate::vm::plausible_vm_cid(owner)
+                    && state_dir.join("vms").join(owner).exists();
+                if owner == vm_cid {
+                    return Ok(());
+                }
+                if alive {
+                    return Err(ContainerdError::Refused(format!(
+                        "IP address {ip} is already in use by VM {owner}"
+                    )));
+                }
+                tracing::info!(%ip, stale_owner = owner, "taking over the address of a VM that no longer exists");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => return Err(ContainerdError::io("reserving address", &path, e)),
+        }
+    }
+    Err(ContainerdError::Refused(format!(
+        "IP address {ip} is being reserved by another VM at the same time"
+    )))
+}
+
+/// Releases every address reserved for `vm_cid`.
+pub fn release_addresses(state_dir: &Path, vm_cid: &str) -> Vec<String> {
+    let dir = reservations_dir(state_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut failures = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if std::fs::read_to_string(&path)
+            .map(|o| o.trim() == vm_cid)
+            .unwrap_or(false)
+        {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    failures.push(ContainerdError::io("removing", &path, e).to_string());
+                }
+            }
+        }
+    }
+    failures
+}
+
+fn ip_binary() -> PathBuf {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("ip"))
+}
+
+async fn run_ip(args: &[&str]) -> Result<()> {
+    let ip = ip_binary();
+    let command = format!("{} {}", ip.display(), args.join(" "));
+    let out = tokio::process::Command::new(&ip)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| ContainerdError::Command {
+            command: command.clone(),
+            message: format!("cannot run it: {e} (install iproute2)"),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ContainerdError::Command {
+            command,
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+fn write_state(path: &Path, state: &NetworkState) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(state)
+        .map_err(|e| ContainerdError::Refused(format!("serialising network state: {e}")))?;
+    crate::fsutil::write_atomic(path, &bytes, 0o600)
+}
+
+/// Reads a VM's network state; `None` when there is none.
+pub fn read_state(path: &Path) -> Result<Option<NetworkState>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            ContainerdError::Refused(format!(
+                "{} is not valid network state: {e}",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ContainerdError::io("reading", path, e)),
+    }
+}
+
+fn runtime_for(state: &NetworkState, a: &Attachment, bin_dir: &Path) -> cni::Runtime {
+    cni::Runtime {
+        container_id: state.netns.clone(),
+        netns: cni::netns_path(&state.netns),
+        ifname: a.ifname.clone(),
+        bin_dir: bin_dir.to_path_buf(),
+    }
+}
+
+/// Creates the VM's network namespace and runs ADD for every attachment, recording
+/// each result in `state_path` as it goes. On failure the caller runs [`teardown`].
+pub async fn setup(state_path: &Path, state: &mut NetworkState, bin_dir: &Path) -> Result<()> {
+    write_state(state_path, state)?;
+    if !cni::netns_path(&state.netns).exists() {
+        run_ip(&["netns", "add", &state.netns]).await?;
+    }
+    for i in 0..state.attachments.len() {
+        state.attachments[i].attempted = true;
+        write_state(state_path, state)?;
+        let a = state.attachments[i].clone();
+        let runtime = runtime_for(state, &a, bin_dir);
+        let result = cni::add_list(&runtime, &a.conflist, &a.runtime_config).await?;
+        tracing::debug!(ifname = %a.ifname, ips = ?cni::result_ips(&result), "CNI ADD done");
+        state.attachments[i].result = Some(result);
+        write_state(state_path, state)?;
+    }
+    Ok(())
+}
+
+/// Runs DEL for every attachment whose ADD was started, in reverse; returns the
+/// failures. Works without the network namespace (IPAM and host rules are released).
+pub async fn del_all(state: &NetworkState, bin_dir: &Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    for a in state.attachments.iter().rev().filter(|a| a.attempted) {
+        let runtime = runtime_for(state, a, bin_dir);
+        failures.extend(
+            cni::del_list(&runtime, &a.conflist, a.result.as_ref(), &a.runtime_config).await,
+        );
+    }
+    failures
+}
+
+/// Prepares a recorded state for a fresh ADD that gives every interface the
+/// addresses it had: dynamic networks ask host-local for them (`ips` runtime
+/// config); manual ones have them in their static configuration anyway.
+pub fn prepare_readd(state: &mut NetworkState) {
+    for a in &mut state.attachments {
+        let previous: Vec<Value> = a
+            .result
+            .as_ref()
+            .map(cni::result_ips)
+            .unwrap_or_default()
+            .iter()
+            .map(|ip| Value::String(ip.address.to_string()))
+            .collect();
+        let wants_ips = cni::plugins(&a.conflist)
+            .iter()
+            .any(|p| p.pointer("/capabilities/ips").and_then(Value::as_bool) == Some(true));
+        if wants_ips && !previous.is_empty() {
+            a.runtime_config
+                .insert("ips".into(), Value::Array(previous));
+        }
+        a.attempted = false;
+        a.result = None;
+    }
+}
+
+/// A leftover outbound-NAT rule of the `bridge` plugin: `-A POSTROUTING -s SRC -m
+/// comment --comment "name: \"NET\" id: \"CID\"" -j CHAIN`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasqRule {
+    /// The VM's address (`10.0.0.5/32`).
+    pub source: String,
+    /// The comment, unescaped: `name: "bcpi-…" id: "vm-…"`.
+    pub comment: String,
+    /// The per-attachment chain it jumps to (`CNI-…`).
+    pub chain: String,
+}
+
+/// The bridge plugin's NAT rules of VM `cid` in `iptables -t nat -S POSTROUTING` output.
+pub fn masquerade_rules(listing: &str, cid: &str) -> Vec<MasqRule> {
+    let marker = format!("id: \\\"{cid}\\\"\"");
+    listing
+        .lines()
+        .filter(|l| l.starts_with("-A POSTROUTING ") && l.contains(&marker))
+        .filter_map(|l| {
+            let source = l.split("-s ").nth(1)?.split(' ').next()?.to_owned();
+            let quoted = l.split("--comment \"").nth(1)?;
+            let end = quoted.rfind("\" -j ")?;
+            let comment = quoted[..end].replace("\\\"", "\"");
+            let chain = l.rsplit("-j ").next()?.trim().to_owned();
+            chain.starts_with("CNI-").then_some(MasqRule {
+                source,
+                comment,
+                chain,
+            })
+        })
+        .collect()
+}
+
+/// Removes the outbound-NAT rules the `bridge` plugin made for `cid` and could not
+/// remove itself (its DEL finds the addresses on the interface, which is gone with
+/// the network namespace after a crash or a host reboot). Nothing to do is the
+/// usual case.
+async fn remove_masquerade(cid: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for tool in ["iptables", "ip6tables"] {
+        let Some(bin) = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.is_file())
+        else {
+            continue;
+        };
+        let Ok(out) = tokio::process::Command::new(&bin)
+            .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+            .output()
+            .await
+        else {
+            continue;
+        };
+        for rule in masquerade_rules(&String::from_utf8_lossy(&out.stdout), cid) {
+            tracing::info!(vm_cid = %cid, chain = %rule.chain, "removing a NAT rule the bridge plugin left");
+            let steps: [Vec<&str>; 3] = [
+                vec![
+                    "-w",
+                    "-t",
+                    "nat",
+                    "-D",
+                    "POSTROUTING",
+                    "-s",
+                    &rule.source,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &rule.comment,
+                    "-j",
+                    &rule.chain,
+                ],
+                vec!["-w", "-t", "nat", "-F", &rule.chain],
+                vec!["-w", "-t", "nat", "-X", &rule.chain],
+            ];
+            for args in steps {
+                match tokio::process::Command::new(&bin)
+                    .args(&args)
+                    .output()
+                    .await
+                {
+                    Ok(o) if o.status.success() => {}
+                    Ok(o) => failures.push(format!(
+                        "{tool} {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    )),
+                    Err(e) => failures.push(format!("{tool}: {e}")),
+                }
+            }
+        }
+    }
+    failures
+}
+
+/// Runs DEL for every recorded attachment (in reverse) and removes the network
+/// namespace, then the state file. Idempotent; returns the failures (the state file
+/// is kept when there were any, so a later call can try again).
+pub async fn teardown(state_path: &Path, vm_cid: &str, bin_dir: &Path) -> Vec<String> {
+    let mut failures = Vec::new();
+    let state = match read_state(state_path) {
+        Ok(s) => s,
+        Err(e) => {
+            failures.push(e.to_string());
+            None
+        }
+    };
+    let netns = state.as_ref().map_or(vm_cid, |s| s.netns.as_str());
+    let had_netns = cni::netns_path(netns).exists();
+    if let Some(state) = &state {
+        failures.extend(del_all(state, bin_dir).await);
+    }
+    // The bridge plugin's DEL removes its NAT rules by the addresses it finds on the
+    // interface in the namespace. Only without the namespace, the record, or a clean
+    // DEL can rules be left: scanning for them costs two iptables runs (~5 ms).
+    if !had_netns || state.is_none() || !failures.is_empty() {
+        failures.extend(remove_masquerade(vm_cid).await);
+    }
+    if cni::netns_path(netns).exists() {
+        if let Err(e) = run_ip(&["netns", "delete", netns]).await {
+            failures.push(e.to_string());
+        }
+    }
+    if failures.is_empty() {
+        if let Err(e) = std::fs::remove_file(state_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                failures.push(ContainerdError::io("removing", state_path, e).to_string());
+            }
+        }
+    }
+    failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn nets(v: Value) -> Networks {
+        Networks::parse(&v).expect("networks")
+    }
+
+    #[test]
+    fn manual_network_gets_a_bridge_with_static_ipam_and_default_route() {
+        let n = nets(
+            json!({"default": {"type": "manual", "ip": "10.245.0.12", "netmask": "255.255.0.0",
+            "gateway": "10.245.0.1", "dns": ["1.1.1.1"], "default": ["dns", "gateway"],
+            "routes": [{"destination": "192.168.0.0", "netmask": "255.255.0.0", "gateway": "10.245.0.2"}]}}),
+        );
+        let state = plan(
+            "vm-1",
+            &n,
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        assert_eq!(state.netns, "vm-1");
+        assert_eq!(state.attachments.len(), 2);
+        assert_eq!(state.attachments[0].ifname, "lo");
+        let eth0 = &state.attachments[1];
+        assert_eq!(eth0.ifname, "eth0");
+        assert_eq!(eth0.network.as_deref(), Some("default"));
+        let bridge = &eth0.conflist["plugins"][0];
+        let br = bridge_name(&"10.245.0.0/16".parse().expect("net"));
+        assert_eq!(bridge["bridge"], json!(br));
+        assert!(br.len() <= 15);
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["ipMasq"], true);
+        assert_eq!(
+            bridge["ipam"],
+            json!({"type": "static",
+                   "addresses": [{"address": "10.245.0.12/16", "gateway": "10.245.0.1"}],
+                   "routes": [{"dst": "192.168.0.0/16", "gw": "10.245.0.2"},
+                              {"dst": "0.0.0.0/0", "gw": "10.245.0.1"}]})
+        );
+        assert_eq!(eth0.conflist["plugins"][1]["type"], "firewall");
+        assert_eq!(eth0.conflist["cniVersion"], cni::CNI_VERSION);
+    }
+
+    #[test]
+    fn several_networks_become_several_interfaces_with_one_default_route() {
+        let n = nets(json!({
+            "a": {"type": "manual", "ip": "10.1.0.5", "netmask": "24", "gateway": "10.1.0.1"},
+            "b": {"type": "manual", "ip": "10.2.0.5", "netmask": "24", "gateway": "10.2.0.1", "default": ["gateway"]},
+            "v": {"type": "vip", "ip": "192.0.2.10"}}));
+        let state = plan(
+            "vm-1",
+            &n,
+            &["6868/tcp".into()],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        let names: Vec<_> = state
+            .attachments
+            .iter()
+            .map(|a| a.ifname.as_str())
+            .collect();
+        assert_eq!(names, vec!["lo", "eth0", "eth1"]);
+        let routes =
+            |i: usize| state.attachments[i].conflist["plugins"][0]["ipam"]["routes"].clone();
+        assert_eq!(routes(1), json!([]));
+        assert_eq!(routes(2), json!([{"dst": "0.0.0.0/0", "gw": "10.2.0.1"}]));
+        assert_ne!(
+            state.attachments[1].conflist["plugins"][0]["bridge"],
+            state.attachments[2].conflist["plugins"][0]["bridge"]
+        );
+        // Ports are published on the default gateway's interface only.
+        assert_eq!(
+            state.attachments[1].conflist["plugins"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            state.attachments[2].conflist["plugins"][2]["type"],
+            "portmap"
+        );
+        assert_eq!(
+            state.attachments[2].runtime_config["portMappings"],
+            json!([{"hostPort": 6868, "containerPort": 6868, "protocol": "tcp"}])
+        );
+    }
+
+    #[test]
+    fn dynamic_network_uses_host_local_in_the_state_dir() {
+        let n =
+            nets(json!({"d": {"type": "dynamic", "cloud_properties": {"subnet": "10.77.0.0/24"}}}));
+        let state = plan(
+            "vm-1",
+            &n,
+            &[],
+            Path::new("/state"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        let ipam = &state.attachments[1].conflist["plugins"][0]["ipam"];
+        assert_eq!(ipam["type"], "host-local");
+        assert_eq!(
+            ipam["ranges"],
+            json!([[{"subnet": "10.77.0.0/24", "gateway": "10.77.0.1"}]])
+        );
+        assert_eq!(ipam["dataDir"], "/state/cni/host-local");
+        assert_eq!(
+            ipam["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "10.77.0.1"}])
+        );
+
+        let fallback = plan(
+            "vm-1",
+            &nets(json!({"d": {"type": "dynamic"}})),
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        assert_eq!(
+            fallback.attachments[1].conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.252.0.0/16"
+        );
+        let bad = nets(json!({"d": {"type": "dynamic", "cloud_properties": {"subnet": "nope"}}}));
+        assert!(plan(
+            "vm-1",
+            &bad,
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net")
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn assigned_dynamic_addresses_are_reported_back() {
+        let mut n = nets(json!({"d": {"type": "dynamic"}}));
+        let mut state = plan(
+            "vm-1",
+            &n,
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        state.attachments[1].result =
+            Some(json!({"ips": [{"address": "10.252.0.9/16", "gateway": "10.252.0.1"}]}));
+        record_assigned(&state, &mut n);
+        let wire = n.to_wire();
+        assert_eq!(wire["d"]["ip"], "10.252.0.9");
+        assert_eq!(wire["d"]["netmask"], "255.255.0.0");
+        assert_eq!(wire["d"]["gateway"], "10.252.0.1");
+    }
+
+    #[test]
+    fn a_readd_asks_for_the_dynamic_address_it_had() {
+        let n = nets(json!({"d": {"type": "dynamic"},
+            "m": {"type": "manual", "ip": "10.1.0.5", "netmask": "24", "gateway": "10.1.0.1"}}));
+        let mut state = plan(
+            "vm-1",
+            &n,
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        assert_eq!(
+            state.attachments[1].conflist["plugins"][0]["capabilities"],
+            json!({"ips": true})
+        );
+        assert!(state.attachments[2].conflist["plugins"][0]
+            .get("capabilities")
+            .is_none());
+        for a in &mut state.attachments {
+            a.attempted = true;
+        }
+        state.attachments[1].result = Some(json!({"ips": [{"address": "10.252.0.9/16"}]}));
+        state.attachments[2].result = Some(json!({"ips": [{"address": "10.1.0.5/24"}]}));
+        prepare_readd(&mut state);
+        assert_eq!(
+            state.attachments[1].runtime_config["ips"],
+            json!(["10.252.0.9/16"])
+        );
+        assert!(state.attachments[2].runtime_config.get("ips").is_none());
+        assert!(state
+            .attachments
+            .iter()
+            .all(|a| !a.attempted && a.result.is_none()));
+        // The bridge plugin receives it as runtimeConfig, which it hands to host-local.
+        let a = &state.attachments[1];
+        let conf = cni::plugin_config(
+            &a.conflist,
+            &cni::plugins(&a.conflist)[0],
+            None,
+            &a.runtime_config,
+        );
+        assert_eq!(conf["runtimeConfig"]["ips"], json!(["10.252.0.9/16"]));
+    }
+
+    #[test]
+    fn finds_the_nat_rules_a_vm_left() {
+        let listing = r#"-P POSTROUTING ACCEPT
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A POSTROUTING -s 10.231.24.10/32 -m comment --comment "name: \"bcpi-18b16ac052\" id: \"vm-1\"" -j CNI-b017f669e93cc9f4746100cd
+-A POSTROUTING -s 10.231.24.11/32 -m comment --comment "name: \"bcpi-18b16ac052\" id: \"vm-12\"" -j CNI-aaaa
+"#;
+        assert_eq!(
+            masquerade_rules(listing, "vm-1"),
+            vec![MasqRule {
+                source: "10.231.24.10/32".into(),
+                comment: r#"name: "bcpi-18b16ac052" id: "vm-1""#.into(),
+                chain: "CNI-b017f669e93cc9f4746100cd".into(),
+            }]
+        );
+        assert_eq!(masquerade_rules(listing, "vm-12").len(), 1);
+        assert!(masquerade_rules(listing, "vm-2").is_empty());
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(
+            parse_port("6868/tcp").expect("p"),
+            PortMapping {
+                host_port: 6868,
+                container_port: 6868,
+                protocol: "tcp"
+            }
+        );
+        assert_eq!(parse_port("53/udp").expect("p").protocol, "udp");
+        assert_eq!(parse_port("8443:443").expect("p").host_port, 8443);
+        for bad in ["", "x", "0", "70000", "1/sctp", "a:1"] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn manual_addresses_are_reserved_once() {
+        let state = std::env::temp_dir().join(format!("reserve-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(state.join("vms/vm-a")).expect("mkdir");
+        std::fs::create_dir_all(state.join("vms/vm-b")).expect("mkdir");
+        let n = nets(
+            json!({"a": {"type": "manual", "ip": "10.9.0.5", "netmask": "24"},
+                            "d": {"type": "dynamic"}}),
+        );
+        reserve_addresses(&state, "vm-a", &n).expect("first");
+        reserve_addresses(&state, "vm-a", &n).expect("same VM again");
+        let err = reserve_addresses(&state, "vm-b", &n).expect_err("taken");
+        assert!(err.to_string().contains("10.9.0.5"), "{err}");
+        assert!(err.to_string().contains("vm-a"), "{err}");
+        // A reservation whose VM directory is gone is stale and taken over.
+        std::fs::remove_dir_all(state.join("vms/vm-a")).expect("rm");
+        reserve_addresses(&state, "vm-b", &n).expect("take over");
+        assert!(release_addresses(&state, "vm-a").is_empty());
+        assert!(reservations_dir(&state).join("10.9.0.5").exists());
+        assert!(release_addresses(&state, "vm-b").is_empty());
+        assert!(!reservations_dir(&state).join("10.9.0.5").exists());
+        std::fs::remove_dir_all(&state).expect("rm");
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let n = nets(json!({"d": {"type": "dynamic"}}));
+        let state = plan(
+            "vm-1",
+            &n,
+            &[],
+            Path::new("/s"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan");
+        let text = serde_json::to_string(&state).expect("json");
+        assert_eq!(
+            serde_json::from_str::<NetworkState>(&text).expect("parse"),
+            state
+        );
+    }
+}

@@ -1,0 +1,590 @@
+//! containerd's content store, leases and unpacking, as the stemcell import uses them.
+//!
+//! A stemcell's `image` is streamed into the content store while two digests are
+//! computed on the way: the blob's (sha256 of the bytes as stored) and the diff id
+//! (sha256 of the uncompressed tar, through a gzip decoder). Everything is written
+//! under a lease, so an import that dies halfway leaves nothing the garbage
+//! collector will not remove.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    AbortRequest, AddResourceRequest, ApplyRequest, CreateRequest as CreateLeaseRequest,
+    DeleteRequest as DeleteLeaseRequest, InfoRequest, Resource, UpdateRequest, WriteAction,
+    WriteContentRequest,
+};
+use prost_types::FieldMask;
+use sha2::{Digest as _, Sha256};
+
+use crate::client::Daemon;
+use crate::error::{ContainerdError, Result};
+use crate::labels;
+use crate::stemcell::oci::{Blob, Layer, LAYER_GZIP, LAYER_TAR};
+
+/// Size of the chunks streamed to containerd.
+const CHUNK: usize = 1 << 20;
+
+/// Creates a lease that expires by itself after `expire_secs` (so a crashed import
+/// is collected) and returns its id.
+pub async fn create_lease(
+    d: &Daemon,
+    extra: &std::collections::BTreeMap<String, String>,
+    expire_secs: u64,
+) -> Result<String> {
+    let id = format!("bosh-cpi-{}", uuid::Uuid::new_v4());
+    let mut lease_labels = labels::base(extra);
+    lease_labels.insert(labels::GC_EXPIRE.into(), labels::expire_in(expire_secs));
+    // Who took it: a later call removes it once this process is gone (a crash).
+    if let Some(me) = crate::orphans::this_process() {
+        lease_labels.insert(crate::orphans::OWNER_PROCESS.into(), me);
+    }
+    d.call(
+        format!("Leases.Create {id}"),
+        d.leases().create(d.req(CreateLeaseRequest {
+            id: id.clone(),
+            labels: lease_labels,
+        })),
+    )
+    .await?;
+    Ok(id)
+}
+
+/// Deletes a lease; with `sync` the garbage collector runs before this returns, so
+/// whatever only the lease held is gone. A missing lease is success.
+pub async fn delete_lease(d: &Daemon, id: &str, sync: bool) -> Result<()> {
+    match d
+        .call(
+            format!("Leases.Delete {id}"),
+            d.leases().delete(d.req(DeleteLeaseRequest {
+                id: id.to_owned(),
+                sync,
+            })),
+        )
+        .await
+    {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Adds existing content to a lease (content that was already in the store when we
+/// tried to write it is not added by the write).
+async fn lease_content(d: &Daemon, lease: &str, digest: &str) -> Result<()> {
+    d.call(
+        format!("Leases.AddResource {lease} {digest}"),
+        d.leases().add_resource(d.req(AddResourceRequest {
+            id: lease.to_owned(),
+            resource: Some(Resource {
+                id: digest.to_owned(),
+                r#type: "content".into(),
+            }),
+        })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Sets `labels` on existing content (merging with its other labels).
+pub async fn label_content(d: &Daemon, digest: &str, new: &HashMap<String, String>) -> Result<()> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let paths = new.keys().map(|k| format!("labels.{k}")).collect();
+    d.call(
+        format!("Content.Update {digest}"),
+        d.content().update(d.req(UpdateRequest {
+            info: Some(containerd_client::services::v1::Info {
+                digest: digest.to_owned(),
+                labels: new.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask { paths }),
+        })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Whether content `digest` is in the store.
+pub async fn content_exists(d: &Daemon, digest: &str) -> Result<bool> {
+    match d
+        .call(
+            format!("Content.Info {digest}"),
+            d.content().info(d.req(InfoRequest {
+                digest: digest.to_owned(),
+            })),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// After a commit answered AlreadyExists: make sure the blob is there, held by our
+/// lease, and labelled.
+async fn adopt_existing(
+    d: &Daemon,
+    lease: &str,
+    digest: &str,
+    blob_labels: &HashMap<String, String>,
+) -> Result<()> {
+    lease_content(d, lease, digest).await?;
+    label_content(d, digest, blob_labels).await
+}
+
+/// Writes a small blob in one message and returns its descriptor.
+pub async fn write_blob(
+    d: &Daemon,
+    lease: &str,
+    media_type: &str,
+    bytes: Vec<u8>,
+    blob_labels: HashMap<String, String>,
+) -> Result<Blob> {
+    let digest = crate::stemcell::oci::sha256_digest(&bytes);
+    let size = bytes.len() as i64;
+    let reference = format!("bosh-cpi-{}", uuid::Uuid::new_v4());
+    let message = WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref: reference.clone(),
+        total: size,
+        expected: digest.clone(),
+        offset: 0,
+        data: bytes,
+        labels: blob_labels.clone(),
+    };
+    let stream = futures_util::stream::iter(vec![message]);
+    let result = async {
+        let mut responses = d
+            .call(
+                format!("Content.Write {digest}"),
+                d.content().write(d.req_leased(stream, lease)),
+            )
+            .await?;
+        while responses
+            .message()
+            .await
+            .map_err(|s| d.status_error(format!("Content.Write {digest}"), s))?
+            .is_some()
+        {}
+        Ok::<(), ContainerdError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_already_exists() => adopt_existing(d, lease, &digest, &blob_labels).await?,
+        Err(e) => {
+            abort(d, &reference).await;
+            return Err(e);
+        }
+    }
+    Ok(Blob {
+        media_type: media_type.to_owned(),
+        digest,
+        size,
+    })
+}
+
+async fn abort(d: &Daemon, reference: &str) {
+    let _ = d
+        .call(
+            format!("Content.Abort {reference}"),
+            d.content().abort(d.req(AbortRequest {
+                r#ref: reference.to_owned(),
+            })),
+        )
+        .await;
+}
+
+/// The digests of a file as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigests {
+    /// `sha256:` of the bytes.
+    pub digest: String,
+    /// `sha256:` of the uncompressed bytes (the same when not compressed).
+    pub diff_id: String,
+    /// Bytes read.
+    pub size: u64,
+    /// Whether it was gzip-compressed.
+    pub gzip: bool,
+}
+
+/// A `Write` that feeds a hasher.
+struct HashWriter(Sha256);
+
+impl Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads `reader` to the end in chunks, handing each to `sink`, and computes both
+/// digests on the way. Gzip is recognised by its magic bytes.
+pub fn hash_stream(
+    mut reader: impl Read,
+    mut sink: impl FnMut(Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<FileDigests> {
+    let mut compressed = Sha256::new();
+    let mut decoder: Option<flate2::write::MultiGzDecoder<HashWriter>> = None;
+    let mut size = 0u64;
+    let mut first = true;
+    let mut gzip = false;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        // Fill whole chunks (fewer, larger messages).
+        while filled < CHUNK {
+            let n = reader.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        if first {
+            gzip = buf.starts_with(&[0x1f, 0x8b]);
+            if gzip {
+                decoder = Some(flate2::write::MultiGzDecoder::new(
+                    HashWriter(Sha256::new()),
+                ));
+            }
+            first = false;
+        }
+        compressed.update(&buf);
+        if let Some(dec) = decoder.as_mut() {
+            dec.write_all(&buf)?;
+        }
+        size += filled as u64;
+        sink(buf)?;
+    }
+    let digest = format!("sha256:{:x}", compressed.clone().finalize());
+    let diff_id = match decoder {
+        Some(dec) => format!("sha256:{:x}", dec.finish()?.0.finalize()),
+        None => digest.clone(),
+    };
+    Ok(FileDigests {
+        digest,
+        diff_id,
+        size,
+        gzip,
+    })
+}
+
+/// What the final message of a streamed write commits: containerd checks the digest
+/// and size against what it received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// `sha256:<hex>` the content must have.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: i64,
+    /// Labels of the blob.
+    pub labels: HashMap<String, String>,
+}
+
+/// Streams `chunks` into the content store under `lease`. `finish` runs alongside
+/// and, once the producer of `chunks` is done, tells what to commit (the file
+/// reader's digests, or a registry descriptor's). Content that is already in the
+/// store is adopted (leased and labelled) instead.
+pub async fn write_streamed<T>(
+    d: &Daemon,
+    lease: &str,
+    what: String,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    finish: impl std::future::Future<Output = Result<(Commit, T)>>,
+) -> Result<(Commit, T)> {
+    let reference = format!("bosh-cpi-{}", uuid::Uuid::new_v4());
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+
+    let producer_ref = reference.clone();
+    let producer = async move {
+        let forward = async {
+            let mut offset = 0i64;
+            while let Some(chunk) = chunks.recv().await {
+                let len = chunk.len() as i64;
+                let msg = WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    r#ref: producer_ref.clone(),
+                    offset,
+                    data: chunk,
+                    ..Default::default()
+                };
+                if req_tx.send(msg).await.is_err() {
+                    // containerd hung up; the consumer reports why.
+                    while chunks.recv().await.is_some() {}
+                    break;
+                }
+                offset += len;
+            }
+        };
+        let ((), finished) = tokio::join!(forward, finish);
+        let (commit, extra) = finished?;
+        let msg = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: producer_ref.clone(),
+            total: commit.size,
+            expected: commit.digest.clone(),
+            offset: commit.size,
+            labels: commit.labels.clone(),
+            ..Default::default()
+        };
+        let _ = req_tx.send(msg).await;
+        drop(req_tx);
+        Ok::<_, ContainerdError>((commit, extra))
+    };
+
+    let stream =
+        futures_util::stream::unfold(
+            req_rx,
+            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+        );
+    let consumer = async {
+        let call = async {
+            let mut responses = d
+                .content()
+                .write(d.req_leased(stream, lease))
+                .await?
+                .into_inner();
+            while responses.message().await?.is_some() {}
+            Ok::<_, containerd_client::tonic::Status>(())
+        };
+        match tokio::time::timeout(d.long_timeout(), call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(status)) => Err(d.status_error(format!("Content.Write {what}"), status)),
+            Err(_) => Err(ContainerdError::Timeout {
+                socket: d.socket().to_path_buf(),
+                what: format!("Content.Write {what}"),
+                after: d.long_timeout(),
+            }),
+        }
+    };
+    let (produced, consumed) = tokio::join!(producer, consumer);
+    match (produced, consumed) {
+        (Ok(done), Ok(())) => Ok(done),
+        (Ok((commit, extra)), Err(e)) if e.is_already_exists() => {
+            abort(d, &reference).await;
+            adopt_existing(d, lease, &commit.digest, &commit.labels).await?;
+            Ok((commit, extra))
+        }
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            abort(d, &reference).await;
+            Err(e)
+        }
+    }
+}
+
+/// Streams the file at `path` into the content store as a layer blob and returns
+/// the layer (blob descriptor and diff id).
+pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<Layer> {
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let file_path: PathBuf = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&file_path)
+            .map_err(|e| ContainerdError::io("opening the stemcell image", &file_path, e))?;
+        hash_stream(std::io::BufReader::new(file), |chunk| {
+            chunk_tx
+                .blocking_send(chunk)
+                .map_err(|_| std::io::Error::other("the upload to containerd stopped"))
+        })
+        .map_err(|e| ContainerdError::io("reading the stemcell image", &file_path, e))
+    });
+    let finish = async {
+        let digests = reader
+            .await
+            .map_err(|e| ContainerdError::Refused(format!("reading the stemcell image: {e}")))??;
+        let commit = Commit {
+            digest: digests.digest.clone(),
+            size: digests.size as i64,
+            labels: HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), digests.diff_id.clone())]),
+        };
+        Ok((commit, digests))
+    };
+    let (commit, digests) =
+        write_streamed(d, lease, path.display().to_string(), chunk_rx, finish).await?;
+    Ok(Layer {
+        blob: Blob {
+            media_type: if digests.gzip { LAYER_GZIP } else { LAYER_TAR }.into(),
+            digest: commit.digest,
+            size: commit.size,
+        },
+        diff_id: digests.diff_id,
+    })
+}
+
+/// Whether snapshot `key` exists.
+pub async fn snapshot_exists(d: &Daemon, snapshotter: &str, key: &str) -> Result<bool> {
+    match d
+        .call(
+            format!("Snapshots.Stat {key}"),
+            d.snapshots().stat(d.req(StatSnapshotRequest {
+                snapshotter: snapshotter.to_owned(),
+                key: key.to_owned(),
+            })),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unpacks `layers` into committed snapshots named by their chain ids (skipping those
+/// that exist), each on the previous one: Prepare, Diff.Apply, Commit. Returns the
+/// top chain id.
+pub async fn unpack(
+    d: &Daemon,
+    lease: &str,
+    snapshotter: &str,
+    layers: &[Layer],
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Result<String> {
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    let chain = crate::stemcell::oci::chain_ids(&diff_ids);
+    let mut parent = String::new();
+    for (layer, chain_id) in layers.iter().zip(&chain) {
+        if snapshot_exists(d, snapshotter, chain_id).await? {
+            parent = chain_id.clone();
+            continue;
+        }
+        let key = format!("extract-{} {chain_id}", uuid::Uuid::new_v4().simple());
+        let prepared = d
+            .call(
+                format!("Snapshots.Prepare {key}"),
+                d.snapshots().prepare(d.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: snapshotter.to_owned(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels: labels::base(extra),
+                    },
+                    lease,
+                )),
+            )
+            .await?;
+        let applied = async {
+            let applied = d
+                .call_long(
+                    format!("Diff.Apply {} onto {key}", layer.blob.digest),
+                    d.diff().apply(d.req_leased(
+                        ApplyRequest {
+                            diff: Some(layer.blob.to_containerd()),
+                            mounts: prepared.mounts.clone(),
+                            ..Default::default()
+                        },
+                        lease,
+                    )),
+                )
+                .await?;
+            let got = applied.applied.map(|a| a.digest).unwrap_or_default();
+            if got != layer.diff_id {
+                return Err(ContainerdError::Refused(format!(
+                    "unpacking layer {}: containerd computed diff id {got}, expected {}; the \
+                     stemcell image is corrupt",
+                    layer.blob.digest, layer.diff_id
+                )));
+            }
+            d.call(
+                format!("Snapshots.Commit {chain_id}"),
+                d.snapshots().commit(d.req_leased(
+                    CommitSnapshotRequest {
+                        snapshotter: snapshotter.to_owned(),
+                        name: chain_id.clone(),
+                        key: key.clone(),
+                        labels: labels::base(extra),
+                    },
+                    lease,
+                )),
+            )
+            .await
+            .map(|_| ())
+        }
+        .await;
+        match applied {
+            Ok(()) => {}
+            Err(e) => {
+                // Drop the half-made snapshot; with AlreadyExists another import
+                // committed the same chain id first, which is as good.
+                let _ = d
+                    .call(
+                        format!("Snapshots.Remove {key}"),
+                        d.snapshots().remove(d.req(RemoveSnapshotRequest {
+                            snapshotter: snapshotter.to_owned(),
+                            key: key.clone(),
+                        })),
+                    )
+                    .await;
+                if !e.is_already_exists() {
+                    return Err(e);
+                }
+            }
+        }
+        parent = chain_id.clone();
+    }
+    chain
+        .last()
+        .cloned()
+        .ok_or_else(|| ContainerdError::Refused("the stemcell image has no layers".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).expect("gzip");
+        enc.finish().expect("gzip")
+    }
+
+    #[test]
+    fn digests_of_a_gzip_stream_and_its_content() {
+        let plain = vec![7u8; 3 * CHUNK + 17];
+        let packed = gzip(&plain);
+        let mut seen = Vec::new();
+        let d = hash_stream(&packed[..], |c| {
+            seen.extend_from_slice(&c);
+            Ok(())
+        })
+        .expect("hash");
+        assert!(d.gzip);
+        assert_eq!(seen, packed);
+        assert_eq!(d.size, packed.len() as u64);
+        assert_eq!(d.digest, crate::stemcell::oci::sha256_digest(&packed));
+        assert_eq!(d.diff_id, crate::stemcell::oci::sha256_digest(&plain));
+    }
+
+    #[test]
+    fn multi_member_gzip_and_plain_tar() {
+        let mut packed = gzip(b"hello ");
+        packed.extend(gzip(b"world"));
+        let d = hash_stream(&packed[..], |_| Ok(())).expect("hash");
+        assert_eq!(
+            d.diff_id,
+            crate::stemcell::oci::sha256_digest(b"hello world")
+        );
+        let d = hash_stream(&b"plain tar bytes"[..], |_| Ok(())).expect("hash");
+        assert!(!d.gzip);
+        assert_eq!(d.digest, d.diff_id);
+    }
+
+    #[test]
+    fn a_stopped_sink_stops_the_read() {
+        let data = vec![1u8; 2 * CHUNK];
+        let err = hash_stream(&data[..], |_| Err(std::io::Error::other("stop"))).expect_err("stop");
+        assert_eq!(err.to_string(), "stop");
+    }
+}

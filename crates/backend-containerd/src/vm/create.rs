@@ -1,0 +1,364 @@
+//! `create_vm`: network namespace and CNI attachments, a snapshot of the stemcell,
+//! the agent's files written into it, the container record and a started task.
+//!
+//! Any failure removes everything made so far ([`ContainerdCpi::destroy_vm`]) and
+//! reports the cleanup's failures with the cause.
+
+use std::collections::HashMap;
+
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, StartRequest,
+};
+use containerd_client::types::Mount as ContainerdMount;
+use cpi_core::{
+    AgentSettings, CallContext, CpiError, CpiResult, CreateVm, CreatedVm, ErrorKind, Networks,
+    VmCid,
+};
+
+use crate::agent_env;
+use crate::client::Daemon;
+use crate::error::{ContainerdError, Result};
+use crate::host::{self, CgroupMode};
+use crate::labels;
+use crate::mount;
+use crate::network;
+use crate::stemcell::{content, stemcell_info, StemcellInfo};
+use crate::vm::spec::{self, Init, SpecInput};
+use crate::vm::VmPaths;
+use crate::ContainerdCpi;
+
+/// How long the lease that protects a new snapshot lives if the CPI dies.
+const LEASE_EXPIRY_SECS: u64 = 3600;
+
+/// The labels of a VM's container.
+pub fn container_labels(
+    req: &CreateVm,
+    ctx: &CallContext,
+    cid: &str,
+    init: Init,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> HashMap<String, String> {
+    let mut out = labels::base(extra);
+    out.insert(labels::AGENT_ID.into(), req.agent_id.to_string());
+    out.insert(labels::STEMCELL.into(), req.stemcell.to_string());
+    out.insert(labels::SNAPSHOT.into(), cid.to_owned());
+    out.insert(labels::INIT.into(), init.as_str().into());
+    if let Some(uuid) = &ctx.director_uuid {
+        out.insert(labels::DIRECTOR_UUID.into(), uuid.clone());
+    }
+    out
+}
+
+/// The `file://` URI the shim writes PID 1's output to.
+pub fn console_uri(paths: &VmPaths) -> String {
+    format!("file://{}", paths.console_log.display())
+}
+
+/// Starts a task on the VM's container with the snapshot's `rootfs` mounts.
+pub async fn start_task(
+    d: &Daemon,
+    cid: &str,
+    rootfs: Vec<ContainerdMount>,
+    paths: &VmPaths,
+) -> Result<u32> {
+    let console = console_uri(paths);
+    d.call(
+        format!("Tasks.Create {cid}"),
+        d.tasks().create(d.req(CreateTaskRequest {
+            container_id: cid.to_owned(),
+            rootfs,
+            stdin: String::new(),
+            stdout: console.clone(),
+            stderr: console,
+            terminal: false,
+            ..Default::default()
+        })),
+    )
+    .await?;
+    let started = d
+        .call(
+            format!("Tasks.Start {cid}"),
+            d.tasks().start(d.req(StartRequest {
+                container_id: cid.to_owned(),
+                exec_id: String::new(),
+            })),
+        )
+        .await?;
+    Ok(started.pid)
+}
+
+impl ContainerdCpi {
+    pub(crate) async fn do_create_vm(
+        &self,
+        ctx: &CallContext,
+        req: CreateVm,
+    ) -> CpiResult<CreatedVm> {
+        let failed = |e: ContainerdError| -> CpiError {
+            match e.kind() {
+                ErrorKind::CpiError | ErrorKind::NotSupported => e.into(),
+                _ => CpiError::vm_creation_failed(e.to_string(), e.is_transient()),
+            }
+        };
+        let d = self.daemon().await.map_err(failed)?;
+        let stemcell = stemcell_info(d, req.stemcell.as_str())
+            .await
+            .map_err(failed)?;
+        if stemcell.snapshotter != self.config.snapshotter {
+            return Err(failed(ContainerdError::Refused(format!(
+                "stemcell {} was unpacked into the {} snapshotter, but containerd.snapshotter is \
+                 now {}; delete and upload the stemcell again",
+                req.stemcell, stemcell.snapshotter, self.config.snapshotter
+            ))));
+        }
+        let cid = VmCid::new(format!("vm-{}", uuid::Uuid::new_v4()))?;
+        self.remove_crash_leftovers(d, ctx, req.agent_id.as_str(), cid.as_str())
+            .await
+            .map_err(failed)?;
+        if !req.disk_cids.is_empty() {
+            tracing::debug!(disks = ?req.disk_cids, "disk_cids only guide placement on a single host; the director attaches them next");
+        }
+        let init = spec::choose_init(
+            req.cloud_properties.systemd_override(),
+            self.config.start_containers_with_systemd,
+            &stemcell.os,
+        );
+        let mut plan = network::plan(
+            cid.as_str(),
+            &req.networks,
+            &req.cloud_properties.ports,
+            &self.config.state_dir,
+            self.config.dynamic_subnet,
+        )
+        .map_err(failed)?;
+        if req.cloud_properties.ephemeral_disk_mib.is_some() {
+            tracing::info!(
+                "ephemeral_disk size is not enforced: /var/vcap/data is a host directory"
+            );
+        }
+        tracing::info!(vm_cid = %cid, stemcell = %req.stemcell, init = init.as_str(), "creating VM");
+        let mut networks = req.networks.clone();
+        let mut lease = None;
+        let built = self
+            .build_vm(
+                d,
+                ctx,
+                &req,
+                cid.as_str(),
+                &stemcell,
+                init,
+                &mut plan,
+                &mut networks,
+                &mut lease,
+            )
+            .await;
+        match built {
+            Ok(pid) => {
+                if let Some(lease) = lease {
+                    if let Err(e) = content::delete_lease(d, &lease, false).await {
+                        tracing::warn!(lease = %lease, "could not delete the lease (it expires by itself): {e}");
+                    }
+                }
+                tracing::info!(vm_cid = %cid, pid, "VM started");
+                Ok(CreatedVm { cid, networks })
+            }
+            Err(e) => {
+                tracing::warn!(vm_cid = %cid, "create_vm failed, removing what was made: {e}");
+                let mut cleanup = self.destroy_vm(d, cid.as_str()).await;
+                if let Some(lease) = lease {
+                    if let Err(c) = content::delete_lease(d, &lease, true).await {
+                        cleanup.push(c.to_string());
+                    }
+                }
+                Err(failed(e.with_cleanup(cleanup)).context(format!("creating VM {cid}")))
+            }
+        }
+    }
+
+    /// Removes what killed calls left: leases of dead CPI processes (with the
+    /// snapshots and content only they held) and earlier attempts of this
+    /// `create_vm` (same agent id and director) that never answered.
+    async fn remove_crash_leftovers(
+        &self,
+        d: &Daemon,
+        ctx: &CallContext,
+        agent_id: &str,
+        cid: &str,
+    ) -> Result<()> {
+        crate::orphans::remove_dead_leases(d).await?;
+        crate::orphans::remove_dead_new_dirs(&self.config.state_dir);
+        let earlier_attempts =
+            crate::orphans::earlier_attempts(&self.config.state_dir, agent_id, ctx, cid);
+        for earlier in earlier_attempts {
+            tracing::warn!(vm_cid = %earlier, agent_id, "removing an earlier attempt of this create_vm that never answered");
+            let failures = self.destroy_vm(d, &earlier).await;
+            if !failures.is_empty() {
+                return Err(ContainerdError::Refused(format!(
+                    "removing VM {earlier}, an earlier attempt of this create_vm: {}",
+                    failures.join("; ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private step of create_vm, called once"
+    )]
+    async fn build_vm(
+        &self,
+        d: &Daemon,
+        ctx: &CallContext,
+        req: &CreateVm,
+        cid: &str,
+        stemcell: &StemcellInfo,
+        init: Init,
+        plan: &mut network::NetworkState,
+        networks: &mut Networks,
+        lease: &mut Option<String>,
+    ) -> Result<u32> {
+        let paths = self.vm_paths(cid);
+        // First, before anything else of the VM exists, with the record a retry
+        // finds it by.
+        crate::orphans::create_vm_dir(&paths.dir, req.agent_id.as_str(), ctx)?;
+        crate::fsutil::create_dirs(&paths.data, false)?;
+        crate::fsutil::create_dirs(&paths.disks, false)?;
+        crate::fsutil::create_dirs(&paths.rootfs, true)?;
+        mount::ensure_shared_mount_point(&paths.disks)?;
+
+        {
+            // A stale reservation's take-over is check-then-act: one process at a time.
+            let _lock = crate::hostlock::acquire(
+                &self.config.state_dir,
+                crate::hostlock::Scope::Addresses,
+                std::time::Duration::from_secs(self.config.timeout_seconds),
+            )
+            .await?;
+            network::reserve_addresses(&self.config.state_dir, cid, &req.networks)?;
+        }
+        network::setup(&paths.network_state, plan, &self.config.cni_bin_dir).await?;
+        network::record_assigned(plan, networks);
+
+        let lease_id = content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS).await?;
+        *lease = Some(lease_id.clone());
+        let prepared = d
+            .call(
+                format!("Snapshots.Prepare {cid} on {}", stemcell.chain_id),
+                d.snapshots().prepare(d.req_leased(
+                    PrepareSnapshotRequest {
+                        snapshotter: self.config.snapshotter.clone(),
+                        key: cid.to_owned(),
+                        parent: stemcell.chain_id.clone(),
+                        labels: labels::base(&self.config.labels),
+                    },
+                    &lease_id,
+                )),
+            )
+            .await?;
+
+        let vm_cid = VmCid::new(cid).map_err(|e| ContainerdError::BadArgument(e.message))?;
+        let settings =
+            AgentSettings::for_vm(&req.agent_id, &vm_cid, &self.agent, networks, &req.env);
+        crate::fsutil::write_atomic(&paths.agent_env, &settings.to_json(), 0o600)?;
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);
+        write_into_snapshot(&prepared.mounts, &paths, &files)?;
+
+        let bounding = host::bounding_set()?;
+        let (capabilities, unknown) = host::capabilities_of(bounding);
+        if !unknown.is_empty() {
+            tracing::info!(bits = ?unknown, "capabilities without a name in this CPI are not granted");
+        }
+        let input = SpecInput {
+            vm_cid: cid.to_owned(),
+            namespace: self.config.namespace.clone(),
+            init,
+            cgroup: CgroupMode::detect(),
+            capabilities,
+            netns: network::cni::netns_path(&plan.netns),
+            data_dir: paths.data.clone(),
+            disks_dir: paths.disks.clone(),
+            host_modules: host::host_modules_dir(),
+            cpu: req.cloud_properties.cpu,
+            ram_mib: req.cloud_properties.ram_mib,
+            pids: req.cloud_properties.pids,
+        };
+        let oci = spec::build(&input)?;
+        let container = Container {
+            id: cid.to_owned(),
+            labels: container_labels(req, ctx, cid, init, &self.config.labels),
+            image: req.stemcell.to_string(),
+            runtime: Some(Runtime {
+                name: self.config.runtime.clone(),
+                options: None,
+            }),
+            spec: Some(spec::to_any(&oci)?),
+            snapshotter: self.config.snapshotter.clone(),
+            snapshot_key: cid.to_owned(),
+            ..Default::default()
+        };
+        d.call(
+            format!("Containers.Create {cid}"),
+            d.containers().create(d.req_leased(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                &lease_id,
+            )),
+        )
+        .await?;
+        start_task(d, cid, prepared.mounts, &paths).await
+    }
+}
+
+/// Mounts the snapshot on the VM's setup directory, writes `files`, and unmounts it
+/// again whatever happened (the task mounts it afresh).
+pub fn write_into_snapshot(
+    mounts: &[ContainerdMount],
+    paths: &VmPaths,
+    files: &[agent_env::VmFile],
+) -> Result<()> {
+    mount::mount_all(mounts, &paths.rootfs)?;
+    let written = agent_env::write_files(&paths.rootfs, files);
+    let unmounted = mount::unmount(&paths.rootfs);
+    written?;
+    unmounted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cpi_core::{AgentId, StemcellCid, VmCloudProperties};
+    use serde_json::json;
+
+    #[test]
+    fn labels_of_a_vm() {
+        let req = CreateVm {
+            agent_id: AgentId::new("agent-7").expect("id"),
+            stemcell: StemcellCid::new("stemcell-1").expect("sc"),
+            cloud_properties: VmCloudProperties::parse(&json!({})).expect("props"),
+            networks: Networks::default(),
+            disk_cids: vec![],
+            env: json!({}),
+        };
+        let ctx = CallContext {
+            director_uuid: Some("dir-9".into()),
+            ..Default::default()
+        };
+        let l = container_labels(&req, &ctx, "vm-1", Init::Systemd, &Default::default());
+        assert_eq!(l[labels::AGENT_ID], "agent-7");
+        assert_eq!(l[labels::STEMCELL], "stemcell-1");
+        assert_eq!(l[labels::SNAPSHOT], "vm-1");
+        assert_eq!(l[labels::INIT], "systemd");
+        assert_eq!(l[labels::DIRECTOR_UUID], "dir-9");
+        assert_eq!(l[labels::MANAGED_BY], labels::MANAGED_BY_VALUE);
+    }
+
+    #[test]
+    fn console_goes_to_a_file_in_the_vm_dir() {
+        let p = VmPaths::new(std::path::Path::new("/s"), "vm-1");
+        assert_eq!(console_uri(&p), "file:///s/vms/vm-1/console.log");
+    }
+}

@@ -1,0 +1,344 @@
+//! VMs: one containerd container and one task per BOSH VM.
+//!
+//! - [`spec`][]: the OCI runtime spec (pure).
+//! - [`create`][]: `create_vm`.
+//! - [`lifecycle`][]: `delete_vm`, `has_vm`, `reboot_vm`, `set_vm_metadata`.
+//!
+//! This module holds what they share: where a VM's host-side state lives, finding its
+//! container and task, stopping a task, and tearing a VM down from any half-built
+//! state (which `create_vm` uses to clean up after itself, and `delete_vm` to be
+//! idempotent after a crash).
+
+pub mod create;
+pub mod lifecycle;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
+use containerd_client::services::v1::{
+    Container, DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest,
+    KillRequest, WaitRequest,
+};
+use containerd_client::tonic::Code;
+use containerd_client::types::v1::Status as TaskStatus;
+use cpi_core::ids::is_simple_name;
+
+use crate::client::Daemon;
+use crate::error::{ContainerdError, Result};
+use crate::{labels, mount, network, ContainerdCpi};
+
+/// SIGTERM.
+const SIGTERM: u32 = 15;
+/// SIGKILL.
+const SIGKILL: u32 = 9;
+/// SIGRTMIN+3: how systemd as PID 1 is asked to shut down (it ignores SIGTERM).
+const SIGRTMIN_PLUS_3: u32 = 37;
+/// How long to wait for a task after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(15);
+
+/// Where a VM's host-side state lives: `<state_dir>/vms/<cid>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The VM's directory (0700: holds the agent settings, which carry secrets).
+    pub dir: PathBuf,
+    /// Mounted at `/var/vcap/data` in the VM.
+    pub data: PathBuf,
+    /// Mounted at `/warden-cpi-dev` in the VM; a shared mount point whose children
+    /// are the attached disks.
+    pub disks: PathBuf,
+    /// Where the root filesystem is mounted briefly to write files before start.
+    pub rootfs: PathBuf,
+    /// The CNI attachments (`network.json`).
+    pub network_state: PathBuf,
+    /// A copy of the agent settings, updated on attach and detach.
+    pub agent_env: PathBuf,
+    /// The VM's console: PID 1's stdout and stderr.
+    pub console_log: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths of VM `cid`.
+    pub fn new(state_dir: &Path, cid: &str) -> VmPaths {
+        let dir = state_dir.join("vms").join(cid);
+        VmPaths {
+            data: dir.join("data"),
+            disks: dir.join("disks"),
+            rootfs: dir.join("rootfs"),
+            network_state: dir.join("network.json"),
+            agent_env: dir.join("agent-env.json"),
+            console_log: dir.join("console.log"),
+            dir,
+        }
+    }
+
+    /// Where disk `disk` is bind-mounted when attached.
+    pub fn disk_mount(&self, disk: &str) -> PathBuf {
+        self.disks.join(disk)
+    }
+}
+
+/// A VM cid we could have minted: anything else names no VM of ours.
+pub fn plausible_vm_cid(cid: &str) -> bool {
+    is_simple_name(cid) && crate::client::validate_identifier(cid).is_ok()
+}
+
+/// The container of VM `cid`, or `None`.
+pub async fn get_container(d: &Daemon, cid: &str) -> Result<Option<Container>> {
+    if !plausible_vm_cid(cid) {
+        return Ok(None);
+    }
+    match d
+        .call(
+            format!("Containers.Get {cid}"),
+            d.containers()
+                .get(d.req(GetContainerRequest { id: cid.to_owned() })),
+        )
+        .await
+    {
+        Ok(resp) => Ok(resp.container),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The container of VM `cid`, or `VmNotFound`.
+pub async fn require_container(d: &Daemon, cid: &str) -> Result<Container> {
+    get_container(d, cid)
+        .await?
+        .ok_or_else(|| ContainerdError::VmNotFound(cid.to_owned()))
+}
+
+/// The task's PID and status, or `None` when the VM has no task.
+pub async fn task_state(d: &Daemon, cid: &str) -> Result<Option<(u32, TaskStatus)>> {
+    match d
+        .call(
+            format!("Tasks.Get {cid}"),
+            d.tasks().get(d.req(GetRequest {
+                container_id: cid.to_owned(),
+                exec_id: String::new(),
+            })),
+        )
+        .await
+    {
+        Ok(resp) => Ok(resp.process.map(|p| {
+            (
+                p.pid,
+                TaskStatus::try_from(p.status).unwrap_or(TaskStatus::Unknown),
+            )
+        })),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn kill(d: &Daemon, cid: &str, signal: u32, all: bool) -> Result<()> {
+    match d
+        .call(
+            format!("Tasks.Kill {cid} signal {signal}"),
+            d.tasks().kill(d.req(KillRequest {
+                container_id: cid.to_owned(),
+                exec_id: String::new(),
+                signal,
+                all,
+            })),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Gone, or already stopped.
+        Err(e) if e.is_not_found() || e.code() == Some(Code::FailedPrecondition) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits up to `limit` for the task to exit; true when it did.
+async fn wait_exit(d: &Daemon, cid: &str, limit: Duration) -> Result<bool> {
+    let mut tasks = d.tasks();
+    let wait = tasks.wait(d.req(WaitRequest {
+        container_id: cid.to_owned(),
+        exec_id: String::new(),
+    }));
+    match tokio::time::timeout(limit, wait).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(status)) if status.code() == Code::NotFound => Ok(true),
+        Ok(Err(status)) => Err(d.status_error(format!("Tasks.Wait {cid}"), status)),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Stops and deletes the VM's task: the init's shutdown signal, `grace` to exit,
+/// then SIGKILL to every process. No task is success.
+pub async fn stop_task(d: &Daemon, cid: &str, init: &str, grace: Duration) -> Result<()> {
+    let Some((pid, status)) = task_state(d, cid).await? else {
+        return Ok(());
+    };
+    if status != TaskStatus::Stopped {
+        let signal = if init == spec::Init::Systemd.as_str() {
+            SIGRTMIN_PLUS_3
+        } else {
+            SIGTERM
+        };
+        tracing::debug!(vm_cid = %cid, pid, signal, "stopping the VM's init");
+        kill(d, cid, signal, false).await?;
+        if !wait_exit(d, cid, grace).await? {
+            tracing::info!(vm_cid = %cid, grace_secs = grace.as_secs(), "init did not exit in time; killing every process");
+            kill(d, cid, SIGKILL, true).await?;
+            if !wait_exit(d, cid, KILL_WAIT).await? {
+                return Err(ContainerdError::Refused(format!(
+                    "the task of VM {cid} (pid {pid}) did not exit {}s after SIGKILL",
+                    KILL_WAIT.as_secs()
+                )));
+            }
+        }
+    }
+    match d
+        .call(
+            format!("Tasks.Delete {cid}"),
+            d.tasks().delete(d.req(DeleteTaskRequest {
+                container_id: cid.to_owned(),
+            })),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl ContainerdCpi {
+    /// The paths of VM `cid`.
+    pub(crate) fn vm_paths(&self, cid: &str) -> VmPaths {
+        VmPaths::new(&self.config.state_dir, cid)
+    }
+
+    /// Removes everything VM `cid` may have, from any state: task, container,
+    /// snapshot, network attachments and namespace, disk mounts (the disks' data
+    /// stays) and the VM directory. Every step runs even when an earlier one failed;
+    /// the failures are returned.
+    pub(crate) async fn destroy_vm(&self, d: &Daemon, cid: &str) -> Vec<String> {
+        let mut failures = Vec::new();
+        let paths = self.vm_paths(cid);
+        let container = match get_container(d, cid).await {
+            Ok(c) => c,
+            Err(e) => {
+                failures.push(e.to_string());
+                None
+            }
+        };
+        let init = container
+            .as_ref()
+            .and_then(|c| c.labels.get(labels::INIT).cloned())
+            .unwrap_or_default();
+        let grace = Duration::from_secs(self.config.stop_grace_seconds);
+        if let Err(e) = stop_task(d, cid, &init, grace).await {
+            failures.push(e.to_string());
+        }
+        if container.is_some() {
+            match d
+                .call(
+                    format!("Containers.Delete {cid}"),
+                    d.containers()
+                        .delete(d.req(DeleteContainerRequest { id: cid.to_owned() })),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        let (snapshotter, key) = match &container {
+            Some(c) if !c.snapshot_key.is_empty() => {
+                (c.snapshotter.clone(), c.snapshot_key.clone())
+            }
+            _ => (self.config.snapshotter.clone(), cid.to_owned()),
+        };
+        if plausible_vm_cid(&key) {
+            // The setup mount holds the snapshot's directories busy.
+            if let Err(e) = mount::unmount(&paths.rootfs) {
+                failures.push(e.to_string());
+            }
+            match d
+                .call(
+                    format!("Snapshots.Remove {key}"),
+                    d.snapshots()
+                        .remove(d.req(RemoveSnapshotRequest { snapshotter, key })),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        failures
+            .extend(network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir).await);
+        failures.extend(network::release_addresses(&self.config.state_dir, cid));
+        failures.extend(self.release_vm_disks(&paths));
+        match mount::unmount_all_under(&paths.dir) {
+            Ok(f) => failures.extend(f),
+            Err(e) => failures.push(e.to_string()),
+        }
+        failures.extend(remove_vm_dir(&paths.dir));
+        failures
+    }
+}
+
+/// Removes the VM directory, but never while anything is mounted below it: that could
+/// be a persistent disk, whose data must survive.
+fn remove_vm_dir(dir: &Path) -> Vec<String> {
+    let still_mounted = match mount::read_mountinfo() {
+        Ok(table) => mount::mounts_under(&table, dir),
+        Err(e) => return vec![e.to_string()],
+    };
+    if !still_mounted.is_empty() {
+        return vec![format!(
+            "not removing {}: still mounted below it: {still_mounted:?}",
+            dir.display()
+        )];
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => vec![ContainerdError::io("removing", dir, e).to_string()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_of_a_vm() {
+        let p = VmPaths::new(Path::new("/state"), "vm-1");
+        assert_eq!(p.dir, PathBuf::from("/state/vms/vm-1"));
+        assert_eq!(p.data, PathBuf::from("/state/vms/vm-1/data"));
+        assert_eq!(
+            p.disk_mount("disk-1"),
+            PathBuf::from("/state/vms/vm-1/disks/disk-1")
+        );
+        assert_eq!(
+            p.network_state,
+            PathBuf::from("/state/vms/vm-1/network.json")
+        );
+    }
+
+    #[test]
+    fn only_plausible_cids_name_vms() {
+        assert!(plausible_vm_cid("vm-0c6b6f0e-7d4b-4f2c-9d7c-1b2a3c4d5e6f"));
+        for bad in ["", "../x", "a b", "-x", "x--y", "a/b"] {
+            assert!(!plausible_vm_cid(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_vm_dir_is_not_removed_while_mounted() {
+        // `/proc` is always a mount point below `/`.
+        let failures = remove_vm_dir(Path::new("/proc"));
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].contains("still mounted"), "{failures:?}");
+    }
+}

@@ -1,0 +1,567 @@
+//! The containerd backend against a real containerd, used as a library: the whole VM
+//! and disk lifecycle with proofs that attach and detach are live, error paths, and a
+//! leftovers check. These tests fail (never skip) when containerd is not running.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_kind, import_stemcell, in_vm, run_ok, start_time, vm_mount_points, TestEnv};
+use cpi_core::{
+    AgentId, AgentSettings, Cpi, CreateDisk, CreateVm, DiskCid, ErrorKind, Networks, StemcellCid,
+    VmCid, VmCloudProperties,
+};
+use serde_json::{json, Value};
+
+const SUBNET: &str = "10.231.7.0/24";
+
+fn manual_network(ip: &str) -> Networks {
+    Networks::parse(
+        &json!({"default": {"type": "manual", "ip": ip, "netmask": "255.255.255.0",
+        "gateway": "10.231.7.1", "dns": ["10.231.7.2"], "default": ["dns", "gateway"]}}),
+    )
+    .expect("networks")
+}
+
+fn create_vm_req(
+    stemcell: &StemcellCid,
+    agent: &str,
+    networks: Networks,
+    props: Value,
+) -> CreateVm {
+    CreateVm {
+        agent_id: AgentId::new(agent).expect("agent id"),
+        stemcell: stemcell.clone(),
+        cloud_properties: VmCloudProperties::parse(&props).expect("props"),
+        networks,
+        disk_cids: vec![],
+        env: json!({"bosh": {"password": "secret-password", "blobstores": [{"provider": "local"}]}}),
+    }
+}
+
+/// Waits until the stand-in init has logged `n` starts.
+fn wait_for_init_starts(pid: u32, n: usize) -> String {
+    let log = in_vm(pid, cpi_tests::stemcell::STAND_IN_INIT_LOG);
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the VM's init did not log {n} starts in {}", log.display());
+}
+
+fn settings_in_vm(pid: u32) -> AgentSettings {
+    let bytes =
+        std::fs::read(in_vm(pid, "/var/vcap/bosh/warden-cpi-agent-env.json")).expect("settings");
+    AgentSettings::from_json(&bytes).expect("settings json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_lifecycle_with_live_attach_and_reboot() {
+    let env = TestEnv::new("lifecycle", &[SUBNET]);
+    let cpi = &env.cpi;
+    let ctx = &env.ctx;
+
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let images = env.ctr(&["images", "ls"]);
+    assert!(images.contains(stemcell.as_str()), "{images}");
+
+    // create_vm: running, with its files in place before init started.
+    let created = cpi
+        .create_vm(
+            ctx,
+            create_vm_req(
+                &stemcell,
+                "agent-a",
+                manual_network("10.231.7.10"),
+                json!({"ram": 512, "cpu": 1}),
+            ),
+        )
+        .await
+        .expect("create_vm");
+    let vm_a = created.cid.clone();
+    assert_eq!(created.networks.to_wire()["default"]["ip"], "10.231.7.10");
+    assert!(cpi.has_vm(ctx, &vm_a).await.expect("has_vm"));
+    let pid = env.running_pid(vm_a.as_str());
+    let init_log = wait_for_init_starts(pid, 1);
+    assert!(
+        init_log.contains("started /usr/sbin/runsvdir-start"),
+        "{init_log}"
+    );
+    let settings = settings_in_vm(pid);
+    assert_eq!(settings.agent_id, "agent-a");
+    assert_eq!(settings.vm.name, vm_a.as_str());
+    assert_eq!(settings.env["bosh"]["password"], "secret-password");
+    let mode = std::fs::metadata(in_vm(pid, "/var/vcap/bosh/warden-cpi-agent-env.json"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .expect("meta");
+    assert_eq!(mode, 0o600);
+    let resolv = in_vm(pid, "/etc/resolv.conf");
+    assert!(std::fs::symlink_metadata(&resolv)
+        .expect("resolv")
+        .file_type()
+        .is_file());
+    assert!(std::fs::read_to_string(&resolv)
+        .expect("resolv")
+        .contains("nameserver 10.231.7.2"));
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid, "/etc/hostname"))
+            .expect("hostname")
+            .trim(),
+        vm_a.as_str()
+    );
+    // No runtime bind mounts over the files the VM owns.
+    let mounts = vm_mount_points(pid);
+    for owned in ["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"] {
+        assert!(
+            !mounts.iter().any(|m| m == owned),
+            "{owned} is a mount point: {mounts:?}"
+        );
+    }
+    assert!(mounts.iter().any(|m| m == "/var/vcap/data"), "{mounts:?}");
+    assert!(mounts.iter().any(|m| m == "/warden-cpi-dev"), "{mounts:?}");
+
+    // The VM's interface has its BOSH address and reaches its gateway (the host).
+    let addr = run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            vm_a.as_str(),
+            "ip",
+            "-o",
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            "eth0",
+        ],
+    );
+    assert!(addr.contains("10.231.7.10/24"), "{addr}");
+    let route = run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            vm_a.as_str(),
+            "ip",
+            "route",
+            "show",
+            "default",
+        ],
+    );
+    assert!(route.contains("via 10.231.7.1"), "{route}");
+    run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            vm_a.as_str(),
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "3",
+            "10.231.7.1",
+        ],
+    );
+
+    // Capabilities: the host's bounding set, CAP_SYS_RESOURCE absent on this host.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let host = std::fs::read_to_string("/proc/self/status").expect("status");
+    let cap_bnd = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("CapBnd:"))
+            .map(str::to_owned)
+    };
+    assert_eq!(cap_bnd(&status), cap_bnd(&host));
+
+    // set_vm_metadata: container labels.
+    let metadata =
+        json!({"director": "d", "deployment": "dep", "job": "zk", "index": "0", "name": "zk/0"});
+    cpi.set_vm_metadata(ctx, &vm_a, metadata.as_object().expect("obj"))
+        .await
+        .expect("metadata");
+    let info = env.ctr(&["containers", "info", vm_a.as_str()]);
+    assert!(info.contains("io.bosh.cpi.metadata.deployment"), "{info}");
+
+    // Ephemeral data and a root filesystem change, to survive attach and reboot.
+    std::fs::write(in_vm(pid, "/var/vcap/data/ephemeral-marker"), "eph").expect("write");
+    std::fs::write(in_vm(pid, "/root/rootfs-marker"), "root").expect("write");
+
+    // A disk, attached live: same PID 1, same start time.
+    let disk = cpi
+        .create_disk(
+            ctx,
+            CreateDisk {
+                size_mib: 1024,
+                cloud_properties: Default::default(),
+                vm: Some(vm_a.clone()),
+            },
+        )
+        .await
+        .expect("create_disk");
+    assert!(cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    cpi.set_disk_metadata(
+        ctx,
+        &disk,
+        json!({"deployment": "dep"}).as_object().expect("obj"),
+    )
+    .await
+    .expect("disk metadata");
+    let started_before = start_time(pid);
+    let hint = cpi.attach_disk(ctx, &vm_a, &disk).await.expect("attach");
+    assert_eq!(hint.0, format!("/warden-cpi-dev/{disk}"));
+    assert_eq!(
+        env.running_pid(vm_a.as_str()),
+        pid,
+        "attach restarted the VM"
+    );
+    assert_eq!(start_time(pid), started_before, "attach restarted PID 1");
+    assert!(
+        vm_mount_points(pid).contains(&hint.0),
+        "disk not mounted live in the VM"
+    );
+    std::fs::write(in_vm(pid, &format!("{}/data.txt", hint.0)), "persistent")
+        .expect("write to disk");
+    assert_eq!(
+        settings_in_vm(pid).persistent_disks(),
+        vec![disk.to_string()]
+    );
+    assert_eq!(
+        cpi.get_disks(ctx, &vm_a).await.expect("get_disks"),
+        vec![disk.clone()]
+    );
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid, "/var/vcap/data/ephemeral-marker")).expect("eph"),
+        "eph"
+    );
+    // Attaching again is harmless.
+    assert_eq!(
+        cpi.attach_disk(ctx, &vm_a, &disk)
+            .await
+            .expect("attach again"),
+        hint
+    );
+    let refused = cpi
+        .delete_disk(ctx, &disk)
+        .await
+        .expect_err("delete attached disk");
+    assert!(refused.message.contains("attached"), "{}", refused.message);
+
+    // reboot_vm: a new PID 1 on the same root filesystem, data and disk.
+    cpi.reboot_vm(ctx, &vm_a).await.expect("reboot");
+    let pid2 = env.running_pid(vm_a.as_str());
+    assert_ne!(pid2, pid);
+    let log = wait_for_init_starts(pid2, 2);
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid2, "/root/rootfs-marker")).expect("rootfs"),
+        "root"
+    );
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid2, "/var/vcap/data/ephemeral-marker")).expect("eph"),
+        "eph"
+    );
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid2, &format!("{}/data.txt", hint.0)))
+            .expect("disk after reboot"),
+        "persistent"
+    );
+    assert!(vm_mount_points(pid2).contains(&hint.0));
+
+    // detach, live.
+    let started = start_time(pid2);
+    cpi.detach_disk(ctx, &vm_a, &disk).await.expect("detach");
+    assert_eq!(start_time(pid2), started, "detach restarted PID 1");
+    assert!(
+        !vm_mount_points(pid2).contains(&hint.0),
+        "disk still mounted in the VM"
+    );
+    assert!(settings_in_vm(pid2).persistent_disks().is_empty());
+    assert!(cpi
+        .get_disks(ctx, &vm_a)
+        .await
+        .expect("get_disks")
+        .is_empty());
+    assert_kind(
+        cpi.detach_disk(ctx, &vm_a, &disk).await,
+        ErrorKind::DiskNotAttached,
+    );
+
+    // The disk's data moves to a second VM.
+    let vm_b = cpi
+        .create_vm(
+            ctx,
+            create_vm_req(
+                &stemcell,
+                "agent-b",
+                manual_network("10.231.7.11"),
+                json!({}),
+            ),
+        )
+        .await
+        .expect("create second VM")
+        .cid;
+    let pid_b = env.running_pid(vm_b.as_str());
+    cpi.attach_disk(ctx, &vm_b, &disk)
+        .await
+        .expect("attach to second VM");
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid_b, &format!("{}/data.txt", hint.0)))
+            .expect("data on second VM"),
+        "persistent"
+    );
+    // The first VM does not see it.
+    assert!(!vm_mount_points(pid2).contains(&hint.0));
+    let refused = cpi
+        .attach_disk(ctx, &vm_a, &disk)
+        .await
+        .expect_err("attached elsewhere");
+    assert!(
+        refused.message.contains(vm_b.as_str()),
+        "{}",
+        refused.message
+    );
+
+    // delete_vm with the disk attached: the VM goes, the disk's data stays.
+    cpi.delete_vm(ctx, &vm_b)
+        .await
+        .expect("delete_vm with disk");
+    assert!(!cpi.has_vm(ctx, &vm_b).await.expect("has_vm"));
+    assert!(cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    cpi.attach_disk(ctx, &vm_a, &disk).await.expect("re-attach");
+    assert_eq!(
+        std::fs::read_to_string(in_vm(pid2, &format!("{}/data.txt", hint.0)))
+            .expect("data after VM delete"),
+        "persistent"
+    );
+    cpi.detach_disk(ctx, &vm_a, &disk).await.expect("detach");
+
+    cpi.delete_vm(ctx, &vm_a).await.expect("delete_vm");
+    cpi.delete_vm(ctx, &vm_a)
+        .await
+        .expect("delete_vm is idempotent");
+    assert!(!cpi.has_vm(ctx, &vm_a).await.expect("has_vm"));
+    cpi.delete_disk(ctx, &disk).await.expect("delete_disk");
+    cpi.delete_disk(ctx, &disk)
+        .await
+        .expect("delete_disk is idempotent");
+    assert!(!cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell is idempotent");
+
+    env.assert_clean(&[vm_a.to_string(), vm_b.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn error_paths_use_the_directors_error_kinds() {
+    let env = TestEnv::new("errors", &["10.231.8.0/24"]);
+    let cpi = &env.cpi;
+    let ctx = &env.ctx;
+    let missing_vm = VmCid::new("vm-00000000-0000-0000-0000-000000000000").expect("cid");
+    let missing_disk = DiskCid::new("disk-00000000-0000-0000-0000-000000000000").expect("cid");
+
+    assert!(!cpi.has_vm(ctx, &missing_vm).await.expect("has_vm"));
+    assert!(!cpi
+        .has_vm(ctx, &VmCid::new("not.ours..x").expect("cid"))
+        .await
+        .expect("has_vm"));
+    assert!(!cpi.has_disk(ctx, &missing_disk).await.expect("has_disk"));
+    assert_kind(cpi.reboot_vm(ctx, &missing_vm).await, ErrorKind::VmNotFound);
+    assert_kind(
+        cpi.set_vm_metadata(ctx, &missing_vm, &Default::default())
+            .await,
+        ErrorKind::VmNotFound,
+    );
+    assert_kind(cpi.get_disks(ctx, &missing_vm).await, ErrorKind::VmNotFound);
+    assert_kind(
+        cpi.attach_disk(ctx, &missing_vm, &missing_disk).await,
+        ErrorKind::VmNotFound,
+    );
+    assert_kind(
+        cpi.detach_disk(ctx, &missing_vm, &missing_disk).await,
+        ErrorKind::VmNotFound,
+    );
+    assert_kind(
+        cpi.set_disk_metadata(ctx, &missing_disk, &Default::default())
+            .await,
+        ErrorKind::DiskNotFound,
+    );
+    cpi.delete_vm(ctx, &missing_vm)
+        .await
+        .expect("deleting a missing VM is success");
+    cpi.delete_disk(ctx, &missing_disk)
+        .await
+        .expect("deleting a missing disk is success");
+    cpi.delete_stemcell(ctx, &StemcellCid::new("stemcell-missing").expect("cid"))
+        .await
+        .expect("deleting a missing stemcell is success");
+    assert_kind(
+        cpi.resize_disk(ctx, &missing_disk, 2048).await,
+        ErrorKind::NotSupported,
+    );
+    assert_kind(
+        cpi.snapshot_disk(ctx, &missing_disk, &Default::default())
+            .await,
+        ErrorKind::NotImplemented,
+    );
+
+    // An unknown stemcell: VMCreationFailed, not retryable.
+    let networks = Networks::parse(&json!({"n": {"type": "manual", "ip": "10.231.8.10", "netmask": "24", "gateway": "10.231.8.1"}}))
+        .expect("networks");
+    let err = assert_kind(
+        cpi.create_vm(
+            ctx,
+            create_vm_req(
+                &StemcellCid::new("stemcell-missing").expect("cid"),
+                "a",
+                networks.clone(),
+                json!({}),
+            ),
+        )
+        .await,
+        ErrorKind::VmCreationFailed,
+    );
+    assert!(!err.ok_to_retry);
+    assert!(err.message.contains("stemcell-missing"), "{}", err.message);
+
+    // With a real stemcell and VM: a missing disk, a disk not attached.
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let vm = cpi
+        .create_vm(
+            ctx,
+            create_vm_req(&stemcell, "a", networks.clone(), json!({})),
+        )
+        .await
+        .expect("create_vm")
+        .cid;
+    assert_kind(
+        cpi.attach_disk(ctx, &vm, &missing_disk).await,
+        ErrorKind::DiskNotFound,
+    );
+    assert_kind(
+        cpi.detach_disk(ctx, &vm, &missing_disk).await,
+        ErrorKind::DiskNotFound,
+    );
+    let disk = cpi
+        .create_disk(
+            ctx,
+            CreateDisk {
+                size_mib: 10,
+                cloud_properties: Default::default(),
+                vm: None,
+            },
+        )
+        .await
+        .expect("disk");
+    assert_kind(
+        cpi.detach_disk(ctx, &vm, &disk).await,
+        ErrorKind::DiskNotAttached,
+    );
+    // The same manual IP twice is refused; nothing of the second VM stays.
+    let vms_before = std::fs::read_dir(env.state_dir.join("vms"))
+        .expect("vms")
+        .count();
+    let err = assert_kind(
+        cpi.create_vm(
+            ctx,
+            create_vm_req(&stemcell, "dup", networks.clone(), json!({})),
+        )
+        .await,
+        ErrorKind::VmCreationFailed,
+    );
+    assert!(
+        err.message.contains("10.231.8.10") && err.message.contains(vm.as_str()),
+        "{}",
+        err.message
+    );
+    assert!(!err.message.contains("cleaning up"), "{}", err.message);
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("vms"))
+            .expect("vms")
+            .count(),
+        vms_before
+    );
+    // Bad cloud properties are refused before anything is made.
+    let vms_before = std::fs::read_dir(env.state_dir.join("vms"))
+        .expect("vms")
+        .count();
+    let bad_ports = create_vm_req(
+        &stemcell,
+        "b",
+        networks.clone(),
+        json!({"ports": ["nope/tcp"]}),
+    );
+    assert_kind(cpi.create_vm(ctx, bad_ports).await, ErrorKind::CpiError);
+    assert_eq!(
+        std::fs::read_dir(env.state_dir.join("vms"))
+            .expect("vms")
+            .count(),
+        vms_before
+    );
+
+    cpi.delete_vm(ctx, &vm).await.expect("delete_vm");
+    cpi.delete_disk(ctx, &disk).await.expect("delete_disk");
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    env.assert_clean(&[vm.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_create_vm_removes_everything_it_made() {
+    // Plugins that do not exist: the network step fails after the namespace and the
+    // VM directory were made.
+    let run = cpi_tests::names::run_id();
+    let cfg = backend_containerd::ContainerdConfig {
+        namespace: format!("cpitest-{run}-failing"),
+        state_dir: format!("/var/lib/bosh-container-cpi-test/{run}-failing").into(),
+        cni_bin_dir: "/nonexistent/cni".into(),
+        ..Default::default()
+    };
+    let env = TestEnv::with_config("failing", cfg, &[]);
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let networks = Networks::parse(&json!({"n": {"type": "manual", "ip": "10.231.9.10", "netmask": "24", "gateway": "10.231.9.1"}}))
+        .expect("networks");
+    let err = assert_kind(
+        env.cpi
+            .create_vm(&env.ctx, create_vm_req(&stemcell, "a", networks, json!({})))
+            .await,
+        ErrorKind::VmCreationFailed,
+    );
+    assert!(
+        err.message.contains("containernetworking-plugins"),
+        "{}",
+        err.message
+    );
+    assert!(
+        !err.message.contains("cleaning up"),
+        "cleanup failed: {}",
+        err.message
+    );
+    let listed = std::fs::read_dir(env.state_dir.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(listed, 0, "a VM directory was left");
+    let cid = err
+        .message
+        .split_whitespace()
+        .find(|w| w.starts_with("vm-"))
+        .map(|w| w.trim_end_matches(':').to_owned())
+        .expect("the message names the VM");
+    let netns = common::run("ip", &["netns", "list"]);
+    assert!(!netns.contains(&cid), "{netns}");
+    env.cpi
+        .delete_stemcell(&env.ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    env.assert_clean(&[cid]);
+}

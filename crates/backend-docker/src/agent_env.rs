@@ -1,0 +1,210 @@
+//! The agent settings file inside a VM, read and written through Docker's archive API
+//! (`GET`/`PUT /containers/<id>/archive`), which works on created-but-not-started
+//! containers: the file is in place before the VM's init runs (contract §4), and is
+//! rewritten in place when disks come and go.
+
+use std::io::Read;
+
+use bollard::query_parameters::{DownloadFromContainerOptions, UploadToContainerOptions};
+use cpi_core::agent_settings::SETTINGS_PATH;
+use cpi_core::AgentSettings;
+use futures_util::TryStreamExt;
+
+use crate::client::Client;
+use crate::error::{DockerError, Result};
+
+/// The settings file as a tar archive to extract at `/`: one regular file at
+/// [`SETTINGS_PATH`], mode 0600, owned by root (it holds the agent's secrets).
+pub fn settings_archive(settings: &AgentSettings, mtime: u64) -> Vec<u8> {
+    let json = settings.to_json();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o600);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(mtime);
+    header.set_size(json.len() as u64);
+    let mut builder = tar::Builder::new(Vec::new());
+    let path = SETTINGS_PATH.trim_start_matches('/');
+    // Writing into a Vec cannot fail, and the path is a short constant.
+    let appended = builder.append_data(&mut header, path, json.as_slice());
+    debug_assert!(appended.is_ok());
+    builder.into_inner().unwrap_or_default()
+}
+
+/// The settings from the archive `GET /archive?path=<SETTINGS_PATH>` returns.
+pub fn settings_from_archive(archive: &[u8], container: &str) -> Result<AgentSettings> {
+    let bad = |what: String| {
+        DockerError::Conflict(format!(
+            "the agent settings file {SETTINGS_PATH} in VM container {container} {what}"
+        ))
+    };
+    let mut tar = tar::Archive::new(archive);
+    let entries = tar
+        .entries()
+        .map_err(|e| bad(format!("came back as an unreadable archive: {e}")))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| bad(format!("came back as an unreadable archive: {e}")))?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("could not be read: {e}")))?;
+        return AgentSettings::from_json(&bytes)
+            .map_err(|e| bad(format!("is not valid agent settings JSON: {e}")));
+    }
+    Err(bad("is not a regular file".into()))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Writes the settings file into the container.
+pub async fn write(client: &Client, container: &str, settings: &AgentSettings) -> Result<()> {
+    let archive = settings_archive(settings, now());
+    client
+        .docker
+        .upload_to_container(
+            container,
+            Some(UploadToContainerOptions {
+                path: "/".into(),
+                ..Default::default()
+            }),
+            bollard::body_full(archive.into()),
+        )
+        .await
+        .map_err(client.err(format!(
+            "writing the agent settings {SETTINGS_PATH} into container {container}"
+        )))
+}
+
+/// Creates the marker that releases a prelude waiting for final settings.
+pub async fn mark_final(client: &Client, container: &str) -> Result<()> {
+    let marker = crate::vm::prelude::SETTINGS_FINAL_MARKER.trim_start_matches('/');
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o600);
+    header.set_size(0);
+    header.set_mtime(now());
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_data(&mut header, marker, std::io::empty())
+        .map_err(|e| DockerError::Invalid(format!("building the settings marker archive: {e}")))?;
+    let archive = builder.into_inner().unwrap_or_default();
+    client
+        .docker
+        .upload_to_container(
+            container,
+            Some(UploadToContainerOptions {
+                path: "/".into(),
+                ..Default::default()
+            }),
+            bollard::body_full(archive.into()),
+        )
+        .await
+        .map_err(client.err(format!(
+            "marking the agent settings final in container {container}"
+        )))
+}
+
+/// Reads the settings file from the container.
+pub async fn read(client: &Client, container: &str) -> Result<AgentSettings> {
+    let bytes: Vec<u8> = client
+        .docker
+        .download_from_container(
+            container,
+            Some(DownloadFromContainerOptions {
+                path: SETTINGS_PATH.into(),
+            }),
+        )
+        .try_fold(Vec::new(), |mut acc, chunk| async move {
+            acc.extend_from_slice(&chunk);
+            Ok(acc)
+        })
+        .await
+        .map_err(client.err(format!(
+            "reading the agent settings {SETTINGS_PATH} from container {container}"
+        )))?;
+    settings_from_archive(&bytes, container)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cpi_core::{AgentId, AgentOptions, DiskCid, Networks, VmCid};
+    use serde_json::json;
+
+    fn settings() -> AgentSettings {
+        AgentSettings::for_vm(
+            &AgentId::new("agent-1").expect("id"),
+            &VmCid::new("c-1").expect("cid"),
+            &AgentOptions {
+                mbus: "https://u:p@0.0.0.0:6868".into(),
+                ntp: vec![],
+            },
+            &Networks::parse(&json!({})).expect("nets"),
+            &json!({"bosh": {"password": "secret"}}),
+        )
+    }
+
+    #[test]
+    fn archive_holds_one_private_root_file_at_the_settings_path() {
+        let archive = settings_archive(&settings(), 1_700_000_000);
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let entries: Vec<_> = tar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let h = e.header();
+                (
+                    e.path().expect("path").to_string_lossy().into_owned(),
+                    h.mode().expect("mode"),
+                    h.uid().expect("uid"),
+                    h.entry_type(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            vec![(
+                "var/vcap/bosh/warden-cpi-agent-env.json".to_owned(),
+                0o600,
+                0,
+                tar::EntryType::Regular
+            )]
+        );
+    }
+
+    #[test]
+    fn round_trips_through_an_archive_as_docker_returns_it() {
+        let mut s = settings();
+        s.attach_persistent(&DiskCid::new("vol-1").expect("disk"));
+        // Docker's GET archive names the entry by its base name.
+        let json = s.to_json();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(json.len() as u64);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut header, "warden-cpi-agent-env.json", json.as_slice())
+            .expect("append");
+        let archive = b.into_inner().expect("tar");
+        let back = settings_from_archive(&archive, "c-1").expect("parse");
+        assert_eq!(back, s);
+        assert_eq!(back.persistent_disks(), vec!["vol-1".to_owned()]);
+    }
+
+    #[test]
+    fn garbage_is_reported_with_the_container() {
+        let err = settings_from_archive(b"not a tar", "c-9").expect_err("garbage");
+        assert!(err.to_string().contains("c-9"), "{err}");
+    }
+}

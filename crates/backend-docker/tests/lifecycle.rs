@@ -1,0 +1,566 @@
+//! The Docker backend against a real daemon, called as a library: the full
+//! lifecycle with live disk attach, and the error paths. Fails (never skips) when
+//! Docker is not running.
+
+mod common;
+
+use backend_docker::config::AttachMode;
+use common::{exec, inspect, pid1, test_subnet, try_exec, Harness};
+use cpi_core::{
+    AgentId, Cpi, CreateDisk, CreateStemcell, CreateVm, CreatedVm, DiskCid, ErrorKind, Networks,
+    StemcellCid, VmCid, VmCloudProperties,
+};
+use cpi_tests::stemcell::TestStemcell;
+use serde_json::{json, Value};
+
+async fn stemcell(h: &Harness) -> StemcellCid {
+    let unpacked = TestStemcell::builder().build_unpacked(h.work.path().join("stemcell"));
+    h.cpi
+        .create_stemcell(
+            &h.ctx,
+            CreateStemcell {
+                image_path: unpacked.image_path,
+                cloud_properties: json!({"infrastructure": "warden", "architecture": "x86_64"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            },
+        )
+        .await
+        .expect("create_stemcell")
+}
+
+fn manual_network(ip: &str, gw: &str) -> Networks {
+    Networks::parse(
+        &json!({"default": {"type": "manual", "ip": ip, "netmask": "255.255.255.0",
+        "gateway": gw, "dns": ["10.245.0.2", "8.8.8.8"], "default": ["dns", "gateway"],
+        "cloud_properties": {}}}),
+    )
+    .expect("networks")
+}
+
+async fn vm(
+    h: &Harness,
+    sc: &StemcellCid,
+    networks: Networks,
+    props: Value,
+    disks: Vec<DiskCid>,
+) -> CreatedVm {
+    h.cpi
+        .create_vm(
+            &h.ctx,
+            CreateVm {
+                agent_id: AgentId::new(format!("agent-{}", uuid::Uuid::new_v4())).expect("agent"),
+                stemcell: sc.clone(),
+                cloud_properties: VmCloudProperties::parse(&props).expect("props"),
+                networks,
+                disk_cids: disks,
+                env: json!({"bosh": {"password": "secret-password", "group": "g"}}),
+            },
+        )
+        .await
+        .expect("create_vm")
+}
+
+fn settings(vm: &VmCid) -> Value {
+    serde_json::from_str(&exec(
+        vm.as_str(),
+        "cat /var/vcap/bosh/warden-cpi-agent-env.json",
+    ))
+    .expect("settings json")
+}
+
+#[tokio::test]
+async fn full_lifecycle_with_live_attach() {
+    let h = Harness::new("dlife", AttachMode::Local);
+    let ctx = &h.ctx;
+    let cpi = &h.cpi;
+
+    // Stemcell: imported, labelled with its operating system.
+    let sc = stemcell(&h).await;
+    assert!(sc.as_str().starts_with("bosh-stemcell:"), "{sc}");
+    assert_eq!(
+        inspect(
+            sc.as_str(),
+            "{{index .Config.Labels \"bosh-container-cpi.stemcell.os\"}}"
+        ),
+        "ubuntu-jammy"
+    );
+
+    // A VM on a manual network the CPI creates from the subnet.
+    let (ip, gw, subnet) = test_subnet(&h.director);
+    let created = vm(
+        &h,
+        &sc,
+        manual_network(&ip, &gw),
+        json!({"cpu": 1, "ram": 256, "ports": ["6868/tcp"]}),
+        vec![],
+    )
+    .await;
+    let vm1 = created.cid.clone();
+    assert!(vm1.as_str().starts_with("c-"));
+    assert_eq!(created.networks.to_wire()["default"]["ip"], ip.as_str());
+    assert!(cpi.has_vm(ctx, &vm1).await.expect("has_vm"));
+    assert_eq!(inspect(vm1.as_str(), "{{.State.Running}}"), "true");
+    assert_eq!(
+        inspect(
+            vm1.as_str(),
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}"
+        ),
+        "1000000000 268435456"
+    );
+    assert_eq!(
+        inspect(&format!("bosh-{}", subnet.replace('/', "-")), "{{.Name}}"),
+        format!("bosh-{}", subnet.replace('/', "-"))
+    );
+
+    // Privileges: this host cannot grant CAP_SYS_RESOURCE, so the VM runs with every
+    // other capability instead of failing like `--privileged`.
+    let host_bnd = std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find(|l| l.starts_with("CapBnd:"))
+        .expect("CapBnd")
+        .to_owned();
+    let vm_bnd = exec(vm1.as_str(), "grep CapBnd: /proc/1/status");
+    let hex =
+        |l: &str| u64::from_str_radix(l.split_whitespace().last().unwrap_or("0"), 16).expect("hex");
+    let (vm_caps, host_caps) = (hex(&vm_bnd), hex(&host_bnd));
+    // Docker 20.10 knows capabilities 0..=37 (CAP_AUDIT_READ); `ALL` is those.
+    let known = (1u64 << 38) - 1;
+    assert_eq!(
+        vm_caps,
+        host_caps & known,
+        "VM caps {vm_caps:#x} = host caps {host_caps:#x} the daemon knows"
+    );
+    assert_eq!(inspect(vm1.as_str(), "{{.HostConfig.Privileged}}"), "false");
+    assert!(
+        exec(vm1.as_str(), "grep ' /sys ' /proc/self/mountinfo").contains(" rw"),
+        "/sys is writable"
+    );
+
+    // The VM owns /etc: no Docker bind mounts left; nameservers from the network.
+    let etc_mounts = exec(
+        vm1.as_str(),
+        "grep -c -E ' /etc/(resolv.conf|hosts|hostname) ' /proc/self/mountinfo || true",
+    );
+    assert_eq!(etc_mounts, "0");
+    assert_eq!(
+        exec(vm1.as_str(), "cat /etc/resolv.conf"),
+        "nameserver 10.245.0.2\nnameserver 8.8.8.8"
+    );
+    assert!(exec(vm1.as_str(), "cat /etc/hosts").contains(&format!("{ip} {vm1}")));
+
+    // The settings file was there before init started, private, with the env.
+    let s = settings(&vm1);
+    assert_eq!(s["vm"]["name"], vm1.as_str());
+    assert_eq!(s["env"]["bosh"]["password"], "secret-password");
+    assert_eq!(s["networks"]["default"]["ip"], ip.as_str());
+    assert_eq!(
+        exec(
+            vm1.as_str(),
+            "stat -c %a /var/vcap/bosh/warden-cpi-agent-env.json"
+        ),
+        "600"
+    );
+    assert!(
+        exec(vm1.as_str(), "cat /var/vcap/data/sys/stand-in-init.log").contains("runsvdir-start")
+    );
+
+    // A disk, attached live.
+    let disk = cpi
+        .create_disk(
+            ctx,
+            CreateDisk {
+                size_mib: 1024,
+                cloud_properties: Default::default(),
+                vm: Some(vm1.clone()),
+            },
+        )
+        .await
+        .expect("create_disk");
+    assert!(cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    exec(vm1.as_str(), "echo before > /var/vcap/data/before-attach");
+    let before = pid1(vm1.as_str());
+    let hint = cpi
+        .attach_disk(ctx, &vm1, &disk)
+        .await
+        .expect("attach_disk");
+    assert_eq!(hint.0, format!("/warden-cpi-dev/{disk}"));
+    assert_eq!(
+        pid1(vm1.as_str()),
+        before,
+        "PID 1 and its start time unchanged"
+    );
+    assert_eq!(
+        exec(vm1.as_str(), "cat /var/vcap/data/before-attach"),
+        "before"
+    );
+    assert!(exec(vm1.as_str(), "cat /proc/self/mountinfo")
+        .contains(&format!(" /warden-cpi-dev/{disk} ")));
+    assert_eq!(
+        settings(&vm1)["disks"]["persistent"][disk.as_str()],
+        format!("/warden-cpi-dev/{disk}")
+    );
+    assert_eq!(
+        cpi.get_disks(ctx, &vm1).await.expect("get_disks"),
+        vec![disk.clone()]
+    );
+    // Attaching again is idempotent.
+    assert_eq!(
+        cpi.attach_disk(ctx, &vm1, &disk).await.expect("again").0,
+        hint.0
+    );
+    exec(
+        vm1.as_str(),
+        &format!("echo payload > /warden-cpi-dev/{disk}/data"),
+    );
+
+    // A second VM: sees none of the first VM's disks; cannot take an attached disk.
+    let created2 = vm(
+        &h,
+        &sc,
+        Networks::parse(&json!({"d": {"type": "dynamic", "dns": ["8.8.4.4"]}})).expect("nets"),
+        json!({}),
+        vec![],
+    )
+    .await;
+    let vm2 = created2.cid.clone();
+    let dyn_ip = created2.networks.to_wire()["d"]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        dyn_ip,
+        inspect(
+            vm2.as_str(),
+            "{{.NetworkSettings.Networks.bridge.IPAddress}}"
+        ),
+        "dynamic address reported"
+    );
+    assert_eq!(exec(vm2.as_str(), "ls /warden-cpi-dev | wc -l"), "0");
+    let err = cpi
+        .attach_disk(ctx, &vm2, &disk)
+        .await
+        .expect_err("attached elsewhere");
+    assert!(err.message.contains("attached to VM"), "{}", err.message);
+    let err = cpi
+        .delete_disk(ctx, &disk)
+        .await
+        .expect_err("delete while attached");
+    assert!(err.message.contains("detach"), "{}", err.message);
+
+    // Detach live; detach again is DiskNotAttached.
+    cpi.detach_disk(ctx, &vm1, &disk)
+        .await
+        .expect("detach_disk");
+    assert_eq!(pid1(vm1.as_str()), before);
+    assert!(!exec(vm1.as_str(), "cat /proc/self/mountinfo").contains("/warden-cpi-dev/"));
+    assert_eq!(settings(&vm1)["disks"]["persistent"], json!({}));
+    assert!(cpi
+        .get_disks(ctx, &vm1)
+        .await
+        .expect("get_disks")
+        .is_empty());
+    let err = cpi
+        .detach_disk(ctx, &vm1, &disk)
+        .await
+        .expect_err("not attached");
+    assert_eq!(err.kind, ErrorKind::DiskNotAttached);
+
+    // Re-attach to the second VM: the data is there.
+    let before2 = pid1(vm2.as_str());
+    cpi.attach_disk(ctx, &vm2, &disk)
+        .await
+        .expect("attach to vm2");
+    assert_eq!(
+        exec(vm2.as_str(), &format!("cat /warden-cpi-dev/{disk}/data")),
+        "payload"
+    );
+    assert_eq!(pid1(vm2.as_str()), before2);
+
+    // Reboot for real: new PID 1 start, data and disk kept.
+    exec(vm2.as_str(), "echo eph > /var/vcap/data/eph-file");
+    cpi.reboot_vm(ctx, &vm2).await.expect("reboot_vm");
+    assert_ne!(pid1(vm2.as_str()).1, before2.1, "restarted for real");
+    assert_eq!(exec(vm2.as_str(), "cat /var/vcap/data/eph-file"), "eph");
+    assert_eq!(
+        exec(vm2.as_str(), &format!("cat /warden-cpi-dev/{disk}/data")),
+        "payload"
+    );
+    assert_eq!(
+        exec(
+            vm2.as_str(),
+            "grep -c started /var/vcap/data/sys/stand-in-init.log"
+        ),
+        "2"
+    );
+    assert_eq!(
+        cpi.get_disks(ctx, &vm2).await.expect("get_disks"),
+        vec![disk.clone()]
+    );
+
+    // Metadata, visible to an operator.
+    let md = json!({"director": "d", "deployment": "dep", "job": "router", "instance_group": "router", "index": "0", "id": "abc", "name": "router/abc", "created_at": "now"});
+    cpi.set_vm_metadata(ctx, &vm2, md.as_object().expect("md"))
+        .await
+        .expect("set_vm_metadata");
+    cpi.set_vm_metadata(ctx, &vm2, md.as_object().expect("md"))
+        .await
+        .expect("set_vm_metadata again");
+    let holder = format!("{vm2}.dep.router.0");
+    assert_eq!(
+        inspect(&holder, "{{index .Config.Labels \"bosh.deployment\"}}"),
+        "dep"
+    );
+    cpi.set_disk_metadata(ctx, &disk, md.as_object().expect("md"))
+        .await
+        .expect("set_disk_metadata");
+
+    // delete_vm with the disk still attached: the disk and its data survive.
+    cpi.delete_vm(ctx, &vm2).await.expect("delete_vm");
+    cpi.delete_vm(ctx, &vm2)
+        .await
+        .expect("delete_vm is idempotent");
+    assert!(!cpi.has_vm(ctx, &vm2).await.expect("has_vm"));
+    assert!(cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    let mountpoint = inspect(disk.as_str(), "{{.Mountpoint}}");
+    assert_eq!(
+        std::fs::read_to_string(format!("{mountpoint}/data"))
+            .expect("data")
+            .trim(),
+        "payload"
+    );
+
+    // Attach at create (disk_cids), then clean up everything.
+    let created3 = vm(
+        &h,
+        &sc,
+        manual_network(&common::last_octet(&ip, 12), &gw),
+        json!({}),
+        vec![disk.clone()],
+    )
+    .await;
+    let vm3 = created3.cid;
+    assert_eq!(
+        exec(vm3.as_str(), &format!("cat /warden-cpi-dev/{disk}/data")),
+        "payload"
+    );
+    assert_eq!(
+        settings(&vm3)["disks"]["persistent"][disk.as_str()],
+        format!("/warden-cpi-dev/{disk}")
+    );
+    cpi.delete_vm(ctx, &vm3).await.expect("delete vm3");
+    cpi.delete_vm(ctx, &vm1).await.expect("delete vm1");
+    cpi.delete_disk(ctx, &disk).await.expect("delete_disk");
+    cpi.delete_disk(ctx, &disk)
+        .await
+        .expect("delete_disk is idempotent");
+    assert!(!cpi.has_disk(ctx, &disk).await.expect("has_disk"));
+    cpi.delete_stemcell(ctx, &sc)
+        .await
+        .expect("delete_stemcell");
+    cpi.delete_stemcell(ctx, &sc)
+        .await
+        .expect("delete_stemcell is idempotent");
+
+    // The network we created is ours to remove (the CPI keeps it for later VMs).
+    let _ = cpi_tests::daemons::docker(&[
+        "network",
+        "rm",
+        &format!("bosh-{}", subnet.replace('/', "-")),
+    ]);
+    h.assert_clean();
+}
+
+#[tokio::test]
+async fn error_paths() {
+    let h = Harness::new("derr", AttachMode::Local);
+    let ctx = &h.ctx;
+    let cpi = &h.cpi;
+    let unknown_vm = VmCid::new("c-00000000-0000-0000-0000-000000000000").expect("cid");
+    let unknown_disk = DiskCid::new("vol-00000000-0000-0000-0000-000000000000").expect("cid");
+
+    assert!(!cpi.has_vm(ctx, &unknown_vm).await.expect("has_vm"));
+    cpi.delete_vm(ctx, &unknown_vm)
+        .await
+        .expect("delete_vm of a missing VM");
+    assert!(!cpi.has_disk(ctx, &unknown_disk).await.expect("has_disk"));
+    cpi.delete_disk(ctx, &unknown_disk)
+        .await
+        .expect("delete_disk of a missing disk");
+    cpi.delete_stemcell(
+        ctx,
+        &StemcellCid::new("bosh-stemcell:missing").expect("cid"),
+    )
+    .await
+    .expect("delete_stemcell");
+
+    let err = cpi
+        .attach_disk(ctx, &unknown_vm, &unknown_disk)
+        .await
+        .expect_err("attach");
+    assert_eq!(err.kind, ErrorKind::VmNotFound);
+    let err = cpi.reboot_vm(ctx, &unknown_vm).await.expect_err("reboot");
+    assert_eq!(err.kind, ErrorKind::VmNotFound);
+    let err = cpi
+        .get_disks(ctx, &unknown_vm)
+        .await
+        .expect_err("get_disks");
+    assert_eq!(err.kind, ErrorKind::VmNotFound);
+    let err = cpi
+        .set_disk_metadata(ctx, &unknown_disk, &Default::default())
+        .await
+        .expect_err("md");
+    assert_eq!(err.kind, ErrorKind::DiskNotFound);
+
+    // A VM for the disk errors, and create_vm failures.
+    let sc = stemcell(&h).await;
+    let (ip, gw, _) = test_subnet(&h.director);
+    let v = vm(&h, &sc, manual_network(&ip, &gw), json!({}), vec![])
+        .await
+        .cid;
+    let err = cpi
+        .attach_disk(ctx, &v, &unknown_disk)
+        .await
+        .expect_err("unknown disk");
+    assert_eq!(err.kind, ErrorKind::DiskNotFound);
+    let err = cpi
+        .detach_disk(ctx, &v, &unknown_disk)
+        .await
+        .expect_err("unknown disk");
+    assert_eq!(err.kind, ErrorKind::DiskNotFound);
+
+    // A network that names a missing Docker network, with creation off, is
+    // NetworkNotFound; an IP outside a named network's subnet is a clear error; a
+    // missing stemcell fails without leaving anything.
+    let bad = |ip: &str, name: &str| {
+        Networks::parse(&json!({"n": {"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.99.1.1", "cloud_properties": {"name": name}}})).expect("nets")
+    };
+    let req = |networks: Networks, stemcell: StemcellCid| CreateVm {
+        agent_id: AgentId::new("agent-x").expect("agent"),
+        stemcell,
+        cloud_properties: VmCloudProperties::default(),
+        networks,
+        disk_cids: vec![],
+        env: json!({}),
+    };
+    let net_name = format!("{}-net", h.director);
+    cpi_tests::daemons::docker(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.99.2.0/24",
+        "--label",
+        &format!("bosh-container-cpi.director-uuid={}", h.director),
+        &net_name,
+    ])
+    .expect_success();
+    let err = cpi
+        .create_vm(ctx, req(bad("10.99.1.5", &net_name), sc.clone()))
+        .await
+        .expect_err("outside");
+    assert!(
+        err.message.contains("outside the subnets"),
+        "{}",
+        err.message
+    );
+    let strict = without_network_creation(&h);
+    let err = strict
+        .create_vm(ctx, req(bad("10.99.1.5", "no-such-network"), sc.clone()))
+        .await
+        .expect_err("missing");
+    assert_eq!(err.kind, ErrorKind::NetworkNotFound, "{}", err.message);
+    let err = cpi
+        .create_vm(
+            ctx,
+            req(
+                manual_network(&ip, &gw),
+                StemcellCid::new("bosh-stemcell:missing").expect("cid"),
+            ),
+        )
+        .await
+        .expect_err("missing stemcell");
+    assert_eq!(err.kind, ErrorKind::VmCreationFailed);
+    assert!(!err.ok_to_retry);
+
+    // A failure after the container exists (the init is missing) removes it all.
+    let before = h.leftovers().len();
+    let err = cpi
+        .create_vm(ctx, CreateVm {
+            cloud_properties: VmCloudProperties::parse(&json!({"Devices": [{"PathOnHost": "/dev/nonexistent-device", "PathInContainer": "/dev/x", "CgroupPermissions": "rwm"}]})).expect("props"),
+            ..req(manual_network(&common::last_octet(&ip, 11), &gw), sc.clone())
+        })
+        .await
+        .expect_err("cannot start");
+    assert_eq!(err.kind, ErrorKind::VmCreationFailed, "{}", err.message);
+    assert_eq!(
+        h.leftovers().len(),
+        before,
+        "failed create_vm left nothing: {:?}",
+        h.leftovers()
+    );
+
+    cpi.delete_vm(ctx, &v).await.expect("delete_vm");
+    cpi.delete_stemcell(ctx, &sc)
+        .await
+        .expect("delete_stemcell");
+    cpi_tests::daemons::docker(&["network", "rm", &net_name]).expect_success();
+    for n in cpi_tests::daemons::docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=bosh-container-cpi.director-uuid={}", h.director),
+    ])
+    .stdout
+    .lines()
+    {
+        let _ = cpi_tests::daemons::docker(&["network", "rm", n]);
+    }
+    h.assert_clean();
+    let _ = try_exec;
+}
+
+/// The same backend with `create_networks: false`.
+fn without_network_creation(h: &Harness) -> backend_docker::DockerCpi {
+    backend_docker::DockerCpi::new(
+        backend_docker::DockerConfig {
+            create_networks: false,
+            ..h.cpi.config().clone()
+        },
+        h.cpi.agent().clone(),
+    )
+    .expect("backend")
+}
+
+#[tokio::test]
+async fn connects_negotiates_and_picks_local_attach_beside_the_daemon() {
+    let h = Harness::new("dauto", AttachMode::Auto);
+    // The Go CPI's default api_version is only a preference: negotiated down.
+    let cpi = backend_docker::DockerCpi::new(
+        backend_docker::DockerConfig {
+            api_version: Some("1.44".into()),
+            ..h.cpi.config().clone()
+        },
+        h.cpi.agent().clone(),
+    )
+    .expect("backend");
+    let client = cpi.client().await.expect("connect");
+    let server = cpi_tests::daemons::docker(&["version", "--format", "{{.Server.APIVersion}}"])
+        .expect_success();
+    let (major, minor) = client.api_version();
+    let server: Vec<usize> = server
+        .split('.')
+        .map(|p| p.parse().expect("version"))
+        .collect();
+    assert!(
+        (major, minor) <= (server[0], server[1]) && (major, minor) <= (1, 44),
+        "{major}.{minor}"
+    );
+    assert_eq!(cpi.mounter(client), backend_docker::Mounter::Local);
+    assert!(cpi
+        .has_vm(&h.ctx, &VmCid::new("c-none").expect("cid"))
+        .await
+        .is_ok());
+}

@@ -1,0 +1,912 @@
+//! The rows of one backend: set-up, each CPI call beside its floor (alternating, in
+//! the same run), and a clean-up that removes everything and checks for leftovers.
+//!
+//! Set-up (not timed): a small stemcell for VMs, one VM (`vm0`, kept running: the
+//! has_vm and attach target, and the template of the floor's VMs), one disk, and the
+//! floor's own running VM and disk. Every row then runs `reps` times:
+//!
+//! | row | CPI side (whole `cpi` process) |
+//! |---|---|
+//! | `info` | `info` |
+//! | `has_vm` | `has_vm vm0` |
+//! | `create_vm`, `delete_vm` | a VM on a manual network, then its deletion |
+//! | `attach_disk`, `detach_disk` | live attach and detach of the disk to `vm0` |
+//! | `create_stemcell_*` | import of a prebuilt stemcell (deleted, not timed) |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::runtime::Runtime;
+
+use cpi_tests::conformance::{BackendKind, Target, CONTAINERD_TEST_NAMESPACE};
+use cpi_tests::stemcell::UnpackedStemcell;
+
+use super::containerd::ContainerdFloor;
+use super::cpi::CpiSide;
+use super::docker::DockerFloor;
+use super::floor::Floor;
+use super::measure::{self, ms, Measured};
+use super::report::{BackendReport, Goal, Row, Side};
+
+/// The stemcells of a run, built once for every backend.
+pub struct Stemcells {
+    /// A small one that VMs are made from.
+    pub vm: UnpackedStemcell,
+    /// The `create_stemcell` rows.
+    pub imports: Vec<Import>,
+}
+
+/// One `create_stemcell` row.
+pub struct Import {
+    /// Row name.
+    pub name: String,
+    /// The stemcell.
+    pub stemcell: UnpackedStemcell,
+    /// Size of its `image`.
+    pub bytes: u64,
+    /// Repetitions (the 1 GB row runs fewer: its target is the peak RSS).
+    pub reps: usize,
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Repetitions per row.
+    pub reps: usize,
+    /// Limit of one CPI call.
+    pub timeout: Duration,
+    /// Where floors keep scratch directories.
+    pub scratch: PathBuf,
+    /// VMs created at once in the concurrency rows (at most [`MAX_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// Repetitions of the concurrency rows.
+    pub batch_reps: usize,
+    /// VMs and disks present in the population rows (at most [`MAX_POPULATION`]; 0
+    /// leaves the rows out).
+    pub population: usize,
+}
+
+/// Most VMs of a concurrency batch (their static addresses are hosts 20..=59).
+pub const MAX_CONCURRENCY: usize = 40;
+/// Most VMs of the population rows (hosts 60..=199; the floor uses 200..=254).
+pub const MAX_POPULATION: usize = 140;
+/// How many set-up calls run at once while populating (not measured).
+const SETUP_PARALLEL: usize = 10;
+
+/// What the CPI made, to remove whatever happens.
+#[derive(Default)]
+struct Ledger {
+    vms: Vec<String>,
+    disks: Vec<String>,
+    stemcells: Vec<String>,
+    /// Every VM cid the run made (for the leftovers filter).
+    all_vms: Vec<String>,
+}
+
+impl Ledger {
+    fn clean(&mut self, cpi: &CpiSide<'_>) -> Vec<String> {
+        let mut failures = Vec::new();
+        for vm in std::mem::take(&mut self.vms) {
+            if let Err(e) = cpi.call("delete_vm", json!([vm])) {
+                failures.push(e);
+            }
+        }
+        for d in std::mem::take(&mut self.disks) {
+            if let Err(e) = cpi.call("delete_disk", json!([d])) {
+                failures.push(e);
+            }
+        }
+        for s in std::mem::take(&mut self.stemcells) {
+            if let Err(e) = cpi.call("delete_stemcell", json!([s])) {
+                failures.push(e);
+            }
+        }
+        failures
+    }
+
+    fn forget_vm(&mut self, vm: &str) {
+        self.vms.retain(|v| v != vm);
+    }
+}
+
+/// The backend's name in the table.
+pub fn backend_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Docker => "docker",
+        BackendKind::Containerd => "containerd",
+        BackendKind::Fake => "fake",
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn push(side: &mut Side, m: &Measured) {
+    side.samples_ms.push(ms(m.wall));
+    push_process(side, m);
+}
+
+/// The process figures of `m` (RSS, CPU) without its wall time (batch rows, whose
+/// samples are the batch's wall time).
+fn push_process(side: &mut Side, m: &Measured) {
+    side.rss_kib.push(m.max_rss_kib);
+    side.cpu_ms.push(ms(m.cpu));
+}
+
+fn vm_cid(created: &Value) -> Result<String, String> {
+    created[0]
+        .as_str()
+        .or_else(|| created.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("create_vm answered no VM cid: {created}"))
+}
+
+/// Measures every row of one backend. Never panics on a daemon or CPI failure: the
+/// failure is recorded in the report.
+pub fn run(
+    kind: BackendKind,
+    opts: &Options,
+    stemcells: &Stemcells,
+    rt: &Arc<Runtime>,
+) -> BackendReport {
+    let mut report = BackendReport {
+        backend: backend_name(kind).into(),
+        ..Default::default()
+    };
+    let target = match std::panic::catch_unwind(|| Target::new(kind, "bench")) {
+        Ok(t) => t,
+        Err(p) => {
+            report.setup_error = Some(panic_text(p.as_ref()));
+            return report;
+        }
+    };
+    report.director_uuid = target.director_uuid.clone();
+    let scratch = opts.scratch.join(&target.director_uuid);
+    let floor: Result<Option<Box<dyn Floor>>, String> = match kind {
+        BackendKind::Docker => DockerFloor::connect(
+            Arc::clone(rt),
+            cpi_tests::daemons::DOCKER_SOCKET,
+            &target.director_uuid,
+            &target.subnet_prefix,
+        )
+        .map(|f| Some(Box::new(f) as Box<dyn Floor>)),
+        BackendKind::Containerd => ContainerdFloor::connect(
+            Arc::clone(rt),
+            Path::new(cpi_tests::daemons::CONTAINERD_SOCKET),
+            CONTAINERD_TEST_NAMESPACE,
+            &target.director_uuid,
+            &scratch,
+        )
+        .map(|f| Some(Box::new(f) as Box<dyn Floor>)),
+        BackendKind::Fake => Ok(None),
+    };
+    let mut floor = match floor {
+        Ok(f) => f,
+        Err(e) => {
+            report.setup_error = Some(format!("connecting the floor: {e}"));
+            return report;
+        }
+    };
+    if let Some(f) = &floor {
+        report.daemon = f.version();
+    }
+    let cpi = CpiSide::new(&target, opts.timeout);
+    let mut ledger = Ledger::default();
+    let measured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rows(
+            &target,
+            &cpi,
+            floor.as_deref_mut(),
+            &mut ledger,
+            opts,
+            stemcells,
+            &mut report,
+        )
+    }));
+    match measured {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => report.setup_error = Some(e),
+        Err(p) => report.setup_error = Some(format!("panic: {}", panic_text(p.as_ref()))),
+    }
+    // The floor first: its VMs run the CPI's stemcell image.
+    if let Some(f) = floor.as_deref_mut() {
+        report.cleanup_errors.extend(f.teardown());
+    }
+    report.cleanup_errors.extend(ledger.clean(&cpi));
+    if let Err(e) = super::host::remove_dir_tree_unless_mounted(&scratch) {
+        report.cleanup_errors.push(e);
+    }
+    target.remove_networks();
+    if kind == BackendKind::Containerd {
+        if let Err(e) = remove_containerd_bridge(&target.subnet_prefix) {
+            report.cleanup_errors.push(e);
+        }
+    }
+    // Everything labelled with the run, and mounts under this run's VMs.
+    report.leftovers = target.leftovers(&ledger.all_vms);
+    report
+}
+
+/// The bridge the containerd backend made for the run's manual subnet (one per
+/// subnet, `bcpi` and 10 hex digits of the subnet's SHA-256, kept after its VMs like a
+/// Docker network): removed when nothing is plugged into it any more.
+fn remove_containerd_bridge(subnet_prefix: &str) -> Result<(), String> {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(format!("{subnet_prefix}.0/24").as_bytes());
+    let name: String = std::iter::once("bcpi".to_owned())
+        .chain(hash.iter().take(5).map(|b| format!("{b:02x}")))
+        .collect();
+    let sys = Path::new("/sys/class/net").join(&name);
+    if !sys.exists() {
+        return Ok(());
+    }
+    let ports = std::fs::read_dir(sys.join("brif"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if ports > 0 {
+        return Err(format!(
+            "bridge {name} still has {ports} interfaces; not removing it"
+        ));
+    }
+    let out = std::process::Command::new("ip")
+        .args(["link", "delete", &name])
+        .output()
+        .map_err(|e| format!("ip link delete {name}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip link delete {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn rows(
+    t: &Target,
+    cpi: &CpiSide<'_>,
+    mut floor: Option<&mut (dyn Floor + '_)>,
+    ledger: &mut Ledger,
+    opts: &Options,
+    stemcells: &Stemcells,
+    report: &mut BackendReport,
+) -> Result<(), String> {
+    let reps = opts.reps;
+    let timeout = opts.timeout;
+    let describe = |floor: &Option<&mut (dyn Floor + '_)>, row: &str| -> String {
+        floor
+            .as_ref()
+            .map(|f| f.describe(row).to_owned())
+            .unwrap_or_else(|| "fork+exec of /bin/true (fake backend: no daemon)".into())
+    };
+
+    // Set-up.
+    cpi.call("info", json!([]))?;
+    let stemcell = cpi
+        .call("create_stemcell", json!([stemcells.vm.image_path, {}]))?
+        .as_str()
+        .ok_or("create_stemcell answered no cid")?
+        .to_owned();
+    ledger.stemcells.push(stemcell.clone());
+    let created = cpi.call(
+        "create_vm",
+        json!(["agent-bench-0", stemcell, {}, {"default": t.manual_network(10)}, [], t.env()]),
+    )?;
+    let vm0 = vm_cid(&created)?;
+    ledger.vms.push(vm0.clone());
+    ledger.all_vms.push(vm0.clone());
+    let disk = cpi
+        .call("create_disk", json!([1024, {}, vm0]))?
+        .as_str()
+        .ok_or("create_disk answered no cid")?
+        .to_owned();
+    ledger.disks.push(disk.clone());
+    let mut floor_vm = None;
+    if let Some(f) = floor.as_deref_mut() {
+        f.learn(&vm0)
+            .map_err(|e| format!("floor: learning from {vm0}: {e}"))?;
+        let (fvm, _) = f.create_vm().map_err(|e| format!("floor: first VM: {e}"))?;
+        let fdisk = f.create_disk().map_err(|e| format!("floor: disk: {e}"))?;
+        floor_vm = Some((fvm, fdisk));
+    }
+    let true_bin = Path::new("/bin/true");
+
+    // info: the process alone.
+    let mut row = Row {
+        name: "info".into(),
+        floor_does: describe(&floor, "info"),
+        goal: Goal {
+            max_ms: Some(2.0),
+            max_rss_mib: Some(6.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut go = || -> Result<(), String> {
+        cpi.measured("info", json!([]))?;
+        for _ in 0..reps {
+            let (m, _) = cpi.measured("info", json!([]))?;
+            push(&mut row.cpi, &m);
+            let f = measure::run(true_bin, &[], b"", timeout).map_err(|e| format!("floor: {e}"))?;
+            push(&mut row.floor, &f);
+        }
+        Ok(())
+    };
+    let error = go().err();
+    row.error = error;
+    report.rows.push(row);
+
+    // has_vm: the process and one lookup.
+    let mut row = Row {
+        name: "has_vm".into(),
+        floor_does: describe(&floor, "has_vm"),
+        goal: Goal {
+            max_ms: Some(2.0),
+            max_rss_mib: Some(6.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut go = || -> Result<(), String> {
+        for i in 0..=reps {
+            let (m, found) = cpi.measured("has_vm", json!([vm0]))?;
+            if found != json!(true) {
+                return Err(format!("has_vm {vm0} answered {found}"));
+            }
+            let f = measure::run(true_bin, &[], b"", timeout).map_err(|e| format!("floor: {e}"))?;
+            let rt = match floor.as_deref_mut() {
+                Some(fl) => fl.round_trip(&vm0).map_err(|e| format!("floor: {e}"))?,
+                None => Duration::ZERO,
+            };
+            if i == 0 {
+                continue; // warm-up
+            }
+            push(&mut row.cpi, &m);
+            row.floor.samples_ms.push(ms(f.wall + rt));
+            row.floor.rss_kib.push(f.max_rss_kib);
+        }
+        Ok(())
+    };
+    let error = go().err();
+    row.error = error;
+    report.rows.push(row);
+
+    // create_vm and delete_vm, alternating which side goes first.
+    let vm_goal = Goal {
+        max_ratio: Some(1.10),
+        ..Default::default()
+    };
+    let mut create = Row {
+        name: "create_vm".into(),
+        floor_does: describe(&floor, "create_vm"),
+        goal: vm_goal,
+        ..Default::default()
+    };
+    let mut delete = Row {
+        name: "delete_vm".into(),
+        floor_does: describe(&floor, "delete_vm"),
+        goal: vm_goal,
+        ..Default::default()
+    };
+    for i in 0..reps {
+        let sides: [bool; 2] = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for cpi_side in sides {
+            if cpi_side {
+                let args = json!([format!("agent-bench-{}", i + 1), stemcell, {}, {"default": t.manual_network(11)}, [], t.env()]);
+                match cpi
+                    .measured("create_vm", args)
+                    .and_then(|(m, v)| Ok((m, vm_cid(&v)?)))
+                {
+                    Ok((m, vm)) => {
+                        ledger.vms.push(vm.clone());
+                        ledger.all_vms.push(vm.clone());
+                        push(&mut create.cpi, &m);
+                        if let Some(f) = floor.as_deref_mut() {
+                            if let Err(e) = f.wait_init(&vm) {
+                                delete.error = Some(format!("before delete_vm: {e}"));
+                                break;
+                            }
+                        }
+                        match cpi.measured("delete_vm", json!([vm])) {
+                            Ok((m, _)) => {
+                                ledger.forget_vm(&vm);
+                                push(&mut delete.cpi, &m);
+                            }
+                            Err(e) => delete.error = Some(e),
+                        }
+                    }
+                    Err(e) => create.error = Some(e),
+                }
+            } else if let Some(f) = floor.as_deref_mut() {
+                match f.create_vm() {
+                    Ok((vm, took)) => {
+                        create.floor.samples_ms.push(ms(took));
+                        match f.wait_init(&vm).and_then(|()| f.delete_vm(&vm)) {
+                            Ok(took) => delete.floor.samples_ms.push(ms(took)),
+                            Err(e) => delete.error = Some(format!("floor: {e}")),
+                        }
+                    }
+                    Err(e) => create.error = Some(format!("floor: {e}")),
+                }
+            }
+            if create.error.is_some() || delete.error.is_some() {
+                break;
+            }
+        }
+        if create.error.is_some() || delete.error.is_some() {
+            break;
+        }
+    }
+    report.rows.push(create);
+    report.rows.push(delete);
+
+    // attach_disk and detach_disk, live, on the running VMs.
+    let disk_goal = Goal {
+        max_ms: Some(150.0),
+        ..Default::default()
+    };
+    let mut attach = Row {
+        name: "attach_disk".into(),
+        floor_does: describe(&floor, "attach_disk"),
+        goal: disk_goal,
+        ..Default::default()
+    };
+    let mut detach = Row {
+        name: "detach_disk".into(),
+        floor_does: describe(&floor, "detach_disk"),
+        goal: disk_goal,
+        ..Default::default()
+    };
+    let mut go = |attach: &mut Row, detach: &mut Row| -> Result<(), (bool, String)> {
+        for i in 0..=reps {
+            let (a, _) = cpi
+                .measured("attach_disk", json!([vm0, disk]))
+                .map_err(|e| (true, e))?;
+            let (d, _) = cpi
+                .measured("detach_disk", json!([vm0, disk]))
+                .map_err(|e| (false, e))?;
+            let fl = match (floor.as_deref_mut(), &floor_vm) {
+                (Some(f), Some((fvm, fdisk))) => {
+                    let fa = f
+                        .attach(fvm, fdisk)
+                        .map_err(|e| (true, format!("floor: {e}")))?;
+                    let fd = f
+                        .detach(fvm, fdisk)
+                        .map_err(|e| (false, format!("floor: {e}")))?;
+                    Some((fa, fd))
+                }
+                _ => None,
+            };
+            if i == 0 {
+                continue; // warm-up
+            }
+            push(&mut attach.cpi, &a);
+            push(&mut detach.cpi, &d);
+            if let Some((fa, fd)) = fl {
+                attach.floor.samples_ms.push(ms(fa));
+                detach.floor.samples_ms.push(ms(fd));
+            }
+        }
+        Ok(())
+    };
+    match go(&mut attach, &mut detach) {
+        Ok(()) => {}
+        Err((true, e)) => attach.error = Some(e),
+        Err((false, e)) => detach.error = Some(e),
+    }
+    report.rows.push(attach);
+    report.rows.push(detach);
+
+    // create_stemcell of each size; each import is removed before the next one.
+    for import in &stemcells.imports {
+        let (name, sc, bytes) = (&import.name, &import.stemcell, &import.bytes);
+        let mut row = Row {
+            name: name.clone(),
+            floor_does: describe(&floor, name),
+            bytes: Some(*bytes),
+            goal: Goal {
+                max_ratio: Some(1.0 / 0.95),
+                throughput: true,
+                // Issue 7: peak RSS <= 30 MB for a 1 GB image.
+                max_rss_mib: (*bytes >= 1_000_000_000).then_some(30.0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut go = || -> Result<(), String> {
+            for i in 0..import.reps {
+                let sides: [bool; 2] = if i % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for cpi_side in sides {
+                    if cpi_side {
+                        let (m, v) = cpi.measured(
+                            "create_stemcell",
+                            json!([sc.image_path, {"infrastructure": "warden", "architecture": "x86_64"}]),
+                        )?;
+                        let cid = v
+                            .as_str()
+                            .ok_or("create_stemcell answered no cid")?
+                            .to_owned();
+                        ledger.stemcells.push(cid.clone());
+                        push(&mut row.cpi, &m);
+                        cpi.call("delete_stemcell", json!([cid]))?;
+                        ledger.stemcells.retain(|s| *s != cid);
+                    } else if let Some(f) = floor.as_deref_mut() {
+                        let (id, took) = f
+                            .import(&sc.image_path)
+                            .map_err(|e| format!("floor: {e}"))?;
+                        row.floor.samples_ms.push(ms(took));
+                        f.remove_import(&id).map_err(|e| format!("floor: {e}"))?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        let error = go().err();
+        row.error = error;
+        report.rows.push(row);
+    }
+
+    concurrent_rows(
+        t,
+        cpi,
+        floor.as_deref_mut(),
+        ledger,
+        opts,
+        &stemcell,
+        report,
+    );
+    population_rows(t, cpi, floor, ledger, opts, &stemcell, &vm0, &disk, report)
+}
+
+/// The create_vm arguments of a VM at host part `host` of the run's subnet.
+fn vm_args(t: &Target, agent: &str, stemcell: &str, host: usize) -> Result<Value, String> {
+    let host = u8::try_from(host).map_err(|_| format!("host part {host} is not an address"))?;
+    Ok(json!([agent, stemcell, {}, {"default": t.manual_network(host)}, [], t.env()]))
+}
+
+/// The results of a batch of CPI calls: the successes' measurements and values, and
+/// the first failure with the number of failures.
+type BatchOutcome = (Vec<(Measured, Value)>, Option<String>);
+
+fn batch_outcome(what: &str, results: Vec<super::cpi::CallResult>) -> BatchOutcome {
+    let total = results.len();
+    let mut ok = Vec::new();
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => failures.push(e),
+        }
+    }
+    let error = failures.first().map(|first| {
+        format!(
+            "{} of {total} concurrent {what} failed; the first: {first}",
+            failures.len()
+        )
+    });
+    (ok, error)
+}
+
+/// Median of the per-call wall times of a batch, for the note.
+fn per_call_note(walls: &[f64], n: usize) -> String {
+    match measure::Stats::of(walls) {
+        Some(s) => format!(
+            "{n} calls at once; per call median {} ms, max {} ms",
+            super::report::fmt_ms(Some(s.median)),
+            super::report::fmt_ms(Some(s.max))
+        ),
+        None => String::new(),
+    }
+}
+
+/// `create_vm_xN` and `delete_vm_xN`: N VMs from one stemcell at once, as the director
+/// does, beside N raw creates (and deletes) at once. A sample is the wall time of the
+/// whole batch; RSS and CPU are per process.
+fn concurrent_rows(
+    t: &Target,
+    cpi: &CpiSide<'_>,
+    mut floor: Option<&mut (dyn Floor + '_)>,
+    ledger: &mut Ledger,
+    opts: &Options,
+    stemcell: &str,
+    report: &mut BackendReport,
+) {
+    let n = opts.concurrency.min(MAX_CONCURRENCY);
+    if n == 0 || opts.batch_reps == 0 {
+        return;
+    }
+    let describe = |floor: &Option<&mut (dyn Floor + '_)>, row: &str| -> String {
+        floor
+            .as_ref()
+            .map(|f| f.describe(row).to_owned())
+            .unwrap_or_default()
+    };
+    let mut create = Row {
+        name: format!("create_vm_x{n}"),
+        floor_does: describe(&floor, "create_vm_x"),
+        goal: Goal {
+            max_ratio: Some(1.2),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut delete = Row {
+        name: format!("delete_vm_x{n}"),
+        floor_does: describe(&floor, "delete_vm_x"),
+        ..Default::default()
+    };
+    let mut create_walls = Vec::new();
+    let mut delete_walls = Vec::new();
+    'reps: for rep in 0..opts.batch_reps {
+        let sides: [bool; 2] = if rep % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for cpi_side in sides {
+            if cpi_side {
+                let args: Result<Vec<Value>, String> = (0..n)
+                    .map(|i| vm_args(t, &format!("agent-bench-c{rep}-{i}"), stemcell, 20 + i))
+                    .collect();
+                let args = match args {
+                    Ok(a) => a,
+                    Err(e) => {
+                        create.error = Some(e);
+                        break 'reps;
+                    }
+                };
+                let (wall, results) = cpi.measured_concurrently("create_vm", args);
+                let (ok, error) = batch_outcome("create_vm", results);
+                let mut vms = Vec::new();
+                for (m, v) in &ok {
+                    match vm_cid(v) {
+                        Ok(vm) => {
+                            ledger.vms.push(vm.clone());
+                            ledger.all_vms.push(vm.clone());
+                            vms.push(vm);
+                            push_process(&mut create.cpi, m);
+                            create_walls.push(ms(m.wall));
+                        }
+                        Err(e) => create.error = Some(e),
+                    }
+                }
+                if let Some(e) = error {
+                    create.error = Some(e);
+                } else if create.error.is_none() {
+                    create.cpi.samples_ms.push(ms(wall));
+                }
+                if let Some(f) = floor.as_deref_mut() {
+                    if let Err(e) = vms.iter().try_for_each(|vm| f.wait_init(vm)) {
+                        delete.error = Some(format!("before delete_vm: {e}"));
+                    }
+                }
+                let (wall, results) = cpi
+                    .measured_concurrently("delete_vm", vms.iter().map(|vm| json!([vm])).collect());
+                let all = results.len();
+                for (vm, r) in vms.iter().zip(&results) {
+                    if r.is_ok() {
+                        ledger.forget_vm(vm);
+                    }
+                }
+                let (ok, error) = batch_outcome("delete_vm", results);
+                for (m, _) in &ok {
+                    push_process(&mut delete.cpi, m);
+                    delete_walls.push(ms(m.wall));
+                }
+                match error {
+                    Some(e) => delete.error = Some(e),
+                    None if all == n => delete.cpi.samples_ms.push(ms(wall)),
+                    None => {}
+                }
+            } else if let Some(f) = floor.as_deref_mut() {
+                match f.create_vms(n) {
+                    Ok((vms, took)) => {
+                        create.floor.samples_ms.push(ms(took));
+                        let ready = vms.iter().try_for_each(|vm| f.wait_init(vm));
+                        match ready.and_then(|()| f.delete_vms(&vms)) {
+                            Ok(took) => delete.floor.samples_ms.push(ms(took)),
+                            Err(e) => delete.error = Some(format!("floor: {e}")),
+                        }
+                    }
+                    Err(e) => create.error = Some(format!("floor: {e}")),
+                }
+            }
+            if create.error.is_some() || delete.error.is_some() {
+                break 'reps;
+            }
+        }
+    }
+    create.note = per_call_note(&create_walls, n);
+    delete.note = per_call_note(&delete_walls, n);
+    report.rows.push(create);
+    report.rows.push(delete);
+}
+
+/// Runs `method` for every argument list, [`SETUP_PARALLEL`] at a time (set-up and
+/// clean-up, not measured); the results in order.
+fn calls_in_parallel(
+    cpi: &CpiSide<'_>,
+    method: &str,
+    args: Vec<Value>,
+) -> Vec<Result<Value, String>> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut args = args.into_iter().peekable();
+    while args.peek().is_some() {
+        let chunk: Vec<Value> = args.by_ref().take(SETUP_PARALLEL).collect();
+        let (_, results) = cpi.measured_concurrently(method, chunk);
+        out.extend(results.into_iter().map(|r| r.map(|(_, v)| v)));
+    }
+    out
+}
+
+/// `has_vm`, `attach_disk`, `detach_disk`, `create_vm` and `delete_vm` with N more VMs
+/// and N more disks present, beside the same call's samples from this run's rows with
+/// none of them present (the "floor" column of these rows).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the run's context, spelled out like the other row groups"
+)]
+fn population_rows(
+    t: &Target,
+    cpi: &CpiSide<'_>,
+    mut floor: Option<&mut (dyn Floor + '_)>,
+    ledger: &mut Ledger,
+    opts: &Options,
+    stemcell: &str,
+    vm0: &str,
+    disk: &str,
+    report: &mut BackendReport,
+) -> Result<(), String> {
+    let n = opts.population.min(MAX_POPULATION);
+    if n == 0 {
+        return Ok(());
+    }
+    let reps = opts.reps;
+    let started = std::time::Instant::now();
+    let args = (0..n)
+        .map(|i| vm_args(t, &format!("agent-bench-p{i}"), stemcell, 60 + i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut present_vms = Vec::new();
+    let mut first_error = None;
+    for r in calls_in_parallel(cpi, "create_vm", args) {
+        match r.and_then(|v| vm_cid(&v)) {
+            Ok(vm) => {
+                ledger.vms.push(vm.clone());
+                ledger.all_vms.push(vm.clone());
+                present_vms.push(vm);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let mut present_disks = Vec::new();
+    for r in calls_in_parallel(cpi, "create_disk", vec![json!([1024, {}, vm0]); n]) {
+        match r.and_then(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("create_disk answered {v}"))
+        }) {
+            Ok(d) => {
+                ledger.disks.push(d.clone());
+                present_disks.push(d);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(format!("populating {n} VMs and {n} disks: {e}"));
+    }
+    super::note(&format!(
+        "{n} VMs and {n} disks present (made in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let baseline = |name: &str| -> Side {
+        report
+            .rows
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| Side {
+                samples_ms: r.cpi.samples_ms.clone(),
+                ..Default::default()
+            })
+            .unwrap_or_default()
+    };
+    let row = |name: &str| Row {
+        name: format!("{name}_with_{n}"),
+        floor: baseline(name),
+        floor_does: format!(
+            "the same call in this run's {name} row, without the {n} VMs and {n} disks"
+        ),
+        goal: Goal {
+            max_ratio: Some(1.10),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut has_vm = row("has_vm");
+    let mut attach = row("attach_disk");
+    let mut detach = row("detach_disk");
+    let mut create = row("create_vm");
+    let mut delete = row("delete_vm");
+    let mut go = || -> Result<(), String> {
+        for i in 0..=reps {
+            let (h, found) = cpi.measured("has_vm", json!([vm0]))?;
+            if found != json!(true) {
+                return Err(format!("has_vm {vm0} answered {found}"));
+            }
+            let (a, _) = cpi.measured("attach_disk", json!([vm0, disk]))?;
+            let (d, _) = cpi.measured("detach_disk", json!([vm0, disk]))?;
+            let (c, v) = cpi.measured(
+                "create_vm",
+                vm_args(t, &format!("agent-bench-q{i}"), stemcell, 12)?,
+            )?;
+            let vm = vm_cid(&v)?;
+            ledger.vms.push(vm.clone());
+            ledger.all_vms.push(vm.clone());
+            if let Some(f) = floor.as_deref_mut() {
+                f.wait_init(&vm)?;
+            }
+            let (x, _) = cpi.measured("delete_vm", json!([vm]))?;
+            ledger.forget_vm(&vm);
+            if i == 0 {
+                continue; // warm-up
+            }
+            push(&mut has_vm.cpi, &h);
+            push(&mut attach.cpi, &a);
+            push(&mut detach.cpi, &d);
+            push(&mut create.cpi, &c);
+            push(&mut delete.cpi, &x);
+        }
+        Ok(())
+    };
+    let error = go().err();
+    for r in [
+        &mut has_vm,
+        &mut attach,
+        &mut detach,
+        &mut create,
+        &mut delete,
+    ] {
+        r.error.clone_from(&error);
+    }
+    report.rows.extend([has_vm, attach, detach, create, delete]);
+
+    // Remove the population now (the ledger retries whatever fails here).
+    let args: Vec<Value> = present_vms.iter().map(|vm| json!([vm])).collect();
+    for (vm, r) in present_vms
+        .iter()
+        .zip(calls_in_parallel(cpi, "delete_vm", args))
+    {
+        if r.is_ok() {
+            ledger.forget_vm(vm);
+        }
+    }
+    let args: Vec<Value> = present_disks.iter().map(|d| json!([d])).collect();
+    for (d, r) in present_disks
+        .iter()
+        .zip(calls_in_parallel(cpi, "delete_disk", args))
+    {
+        if r.is_ok() {
+            ledger.disks.retain(|x| x != d);
+        }
+    }
+    Ok(())
+}
