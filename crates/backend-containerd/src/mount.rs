@@ -6,6 +6,7 @@
 //! visible to containerd and its shims. Parsing (`mountinfo`, mount options) is pure.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use containerd_client::types::Mount as ContainerdMount;
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
@@ -152,16 +153,41 @@ fn mount_one(m: &ContainerdMount, target: &Path) -> Result<()> {
     .map_err(fail)
 }
 
+/// How long [`unmount`] keeps retrying a busy mount. A process that another thread
+/// is spawning holds copies of this process's open files from its fork until its
+/// exec, so a mount whose files were written and closed a moment ago can still be
+/// busy for that moment (seen in CI: `EBUSY` on the setup mount of a VM's root
+/// filesystem while a parallel test started CNI plugins).
+const BUSY_GRACE: Duration = Duration::from_millis(1500);
+
 /// Unmounts `target`; a path that is not mounted (or does not exist) is success.
+/// `EBUSY` is retried for up to [`BUSY_GRACE`] (blocking the calling thread, which
+/// happens only when the mount really is busy) before it is reported.
 pub fn unmount(target: &Path) -> Result<()> {
-    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
-        Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => Ok(()),
-        Err(e) => Err(ContainerdError::io(
-            "unmounting",
-            target,
-            std::io::Error::from(e),
-        )),
+    unmount_within(target, BUSY_GRACE)
+}
+
+fn unmount_within(target: &Path, grace: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => {
+                return Ok(())
+            }
+            Err(e) if e == rustix::io::Errno::BUSY && started.elapsed() < grace => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(ContainerdError::io(
+                    "unmounting",
+                    target,
+                    std::io::Error::from(e),
+                ))
+            }
+        }
     }
 }
 
@@ -273,5 +299,41 @@ mod tests {
         assert_eq!(bind.data, "");
         let rw = o(&["ro", "rw", "rslave"]);
         assert_eq!(rw.flags, MountFlags::empty());
+    }
+
+    /// A tmpfs mounted on a fresh directory; needs root, as the CPI does.
+    fn tmpfs() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("m");
+        std::fs::create_dir(&target).expect("mkdir");
+        rustix::mount::mount("tmpfs", &target, "tmpfs", MountFlags::empty(), None)
+            .expect("mounting a tmpfs needs root (CAP_SYS_ADMIN), as the CPI itself does");
+        (dir, target)
+    }
+
+    #[test]
+    fn unmount_waits_out_a_file_held_open_for_a_moment() {
+        let (_dir, target) = tmpfs();
+        let file = std::fs::File::create(target.join("settings.json")).expect("create");
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            drop(file);
+        });
+        unmount(&target).expect("unmount after the file closed");
+        holder.join().expect("holder");
+        assert!(mount_at(&read_mountinfo().expect("mountinfo"), &target).is_none());
+    }
+
+    #[test]
+    fn unmount_reports_a_mount_that_stays_busy() {
+        let (_dir, target) = tmpfs();
+        let file = std::fs::File::create(target.join("held")).expect("create");
+        let err = unmount_within(&target, Duration::from_millis(50))
+            .expect_err("a file held open keeps the mount busy");
+        assert!(err.to_string().contains("busy"), "{err}");
+        drop(file);
+        unmount(&target).expect("unmount once the file is closed");
+        // Not mounted any more: success, as the callers' cleanup paths rely on.
+        unmount(&target).expect("unmounting twice");
     }
 }
