@@ -344,12 +344,35 @@ EOF
 # Removes the containerd backend's subnet bridges (bcpi*) that no interface is plugged
 # into. Only for test machines, when no test runs: the backend keeps them on purpose.
 remove_idle_cpi_bridges() {
-    local dev removed=0
+    local dev name removed=0
     for dev in /sys/class/net/bcpi*; do
         [ -d "$dev/brif" ] || continue
         if [ -z "$(ls -A "$dev/brif")" ]; then
-            ip link delete "$(basename "$dev")" && removed=$((removed + 1))
+            name=$(basename "$dev")
+            remove_cpi_bridge_rules "$name"
+            ip link delete "$name" && removed=$((removed + 1))
         fi
     done
     log "bridges: removed $removed idle bcpi* bridge(s)"
+}
+
+# The host rules the containerd backend keeps for a bridge (FORWARD accept, outbound
+# NAT), found by their comment `bcpi:<bridge>:<role>`; removed with the bridge.
+remove_cpi_bridge_rules() {
+    local bridge=$1 tool table chain rule
+    for tool in iptables ip6tables; do
+        command -v "$tool" >/dev/null || continue
+        for table in filter:FORWARD nat:POSTROUTING; do
+            chain=${table#*:}
+            table=${table%%:*}
+            # Printed as `-A FORWARD ... --comment "bcpi:<bridge>:in" -j ACCEPT`; the
+            # words, quotes dropped, are the arguments of -D.
+            "$tool" -w -t "$table" -S "$chain" 2>/dev/null | grep -F -- "--comment \"bcpi:$bridge:" |
+                while read -r rule; do
+                    rule=${rule//\"/}
+                    # shellcheck disable=SC2086 # the rule's words are iptables arguments
+                    "$tool" -w -t "$table" -D ${rule#-A } || true
+                done
+        done
+    done
 }

@@ -240,3 +240,86 @@ pub fn require_registry() {
         );
     }
 }
+
+/// The bridge the containerd backend makes for `subnet` (`10.1.2.0/24`): `bcpi` and
+/// 10 hex digits of the subnet's SHA-256.
+pub fn cpi_bridge_name(subnet: &str) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(subnet.as_bytes());
+    std::iter::once("bcpi".to_owned())
+        .chain(hash.iter().take(5).map(|b| format!("{b:02x}")))
+        .collect()
+}
+
+/// The host rules the containerd backend keeps for `bridge` (comment
+/// `bcpi:<bridge>:<role>`), as `(tool, table, rule)` with the rule as `iptables -S`
+/// prints it (`-A FORWARD -i … -m comment --comment "bcpi:…:in" -j ACCEPT`).
+pub fn cpi_bridge_rules(bridge: &str) -> Vec<(&'static str, &'static str, String)> {
+    // iptables prints the comment quoted: `--comment "bcpi:<bridge>:in"`.
+    let marker = format!("--comment \"bcpi:{bridge}:");
+    let mut rules = Vec::new();
+    for tool in ["iptables", "ip6tables"] {
+        for (table, chain) in [("filter", "FORWARD"), ("nat", "POSTROUTING")] {
+            let listing = run_command(
+                tool,
+                &["-w", "-t", table, "-S", chain],
+                None,
+                Duration::from_secs(30),
+            );
+            rules.extend(
+                listing
+                    .stdout
+                    .lines()
+                    .filter(|l| l.starts_with("-A ") && l.contains(&marker))
+                    .map(|l| (tool, table, l.to_owned())),
+            );
+        }
+    }
+    rules
+}
+
+/// Removes a containerd-backend bridge and its host rules, unless a VM is still
+/// plugged into it. `Ok(false)` when there was no such bridge.
+pub fn remove_cpi_bridge(bridge: &str) -> Result<bool, String> {
+    let sys = Path::new("/sys/class/net").join(bridge);
+    let exists = sys.exists();
+    if exists {
+        let ports = std::fs::read_dir(sys.join("brif"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if ports > 0 {
+            return Err(format!(
+                "bridge {bridge} still has {ports} interfaces; not removing it"
+            ));
+        }
+    }
+    let mut failures = Vec::new();
+    for (tool, table, rule) in cpi_bridge_rules(bridge) {
+        let mut args = vec!["-w", "-t", table, "-D"];
+        args.extend(
+            rule["-A ".len()..]
+                .split_whitespace()
+                .map(|w| w.trim_matches('"')),
+        );
+        let out = run_command(tool, &args, None, Duration::from_secs(30));
+        if out.exit_code != 0 {
+            failures.push(format!("{}: {}", out.command, out.stderr.trim()));
+        }
+    }
+    if exists {
+        let out = run_command(
+            "ip",
+            &["link", "delete", bridge],
+            None,
+            Duration::from_secs(30),
+        );
+        if out.exit_code != 0 {
+            failures.push(format!("{}: {}", out.command, out.stderr.trim()));
+        }
+    }
+    if failures.is_empty() {
+        Ok(exists)
+    } else {
+        Err(failures.join("; "))
+    }
+}

@@ -26,6 +26,8 @@ pub enum Scope {
     Disks,
     /// Reserving manual addresses.
     Addresses,
+    /// Adding the host's firewall rules of a bridge.
+    BridgeRules,
 }
 
 impl Scope {
@@ -33,6 +35,7 @@ impl Scope {
         match self {
             Scope::Disks => "disks",
             Scope::Addresses => "addresses",
+            Scope::BridgeRules => "bridge-rules",
         }
     }
 }

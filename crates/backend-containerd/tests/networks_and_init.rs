@@ -26,6 +26,25 @@ fn init_log(env: &TestEnv, cid: &str) -> String {
     panic!("no init log in VM {cid}; console:\n{}", env.console(cid));
 }
 
+/// One ping from VM `ns`'s network namespace to `ip`; panics when unanswered.
+fn ping_from(ns: &str, ip: &str) {
+    run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "3",
+            ip,
+        ],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn several_networks_dynamic_addresses_ports_and_systemd() {
     let env = TestEnv::new("networks", &[MANUAL, SECOND, DYNAMIC]);
@@ -100,25 +119,35 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
         "{routes}"
     );
     for gw in ["10.231.20.1", "10.231.21.1", "10.231.22.1"] {
-        run_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "/bin/busybox",
-                "ping",
-                "-c",
-                "1",
-                "-W",
-                "3",
-                gw,
-            ],
-        );
+        ping_from(ns, gw);
     }
-    // Outbound NAT and the published port are in the host's NAT table.
+    // Outbound NAT and FORWARD are the bridges' rules, one set per subnet (not per
+    // VM); the published port is in the host's NAT table.
+    for subnet in [MANUAL, SECOND, DYNAMIC] {
+        let bridge = common::bridge_name(subnet);
+        let rules = cpi_tests::daemons::cpi_bridge_rules(&bridge);
+        for (table, role, needle) in [
+            ("filter", "in", format!("-A FORWARD -i {bridge} ")),
+            ("filter", "out", format!("-A FORWARD -o {bridge} ")),
+            ("nat", "masq", format!("-A POSTROUTING -s {subnet} ")),
+        ] {
+            let found: Vec<_> = rules
+                .iter()
+                .filter(|(_, t, r)| {
+                    *t == table
+                        && r.starts_with(&needle)
+                        && r.contains(&format!("\"bcpi:{bridge}:{role}\""))
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "{table} {role} rule of {bridge}: {rules:?}");
+        }
+    }
+    let postrouting = run_ok("iptables", &["-t", "nat", "-S", "POSTROUTING"]);
+    assert!(
+        !postrouting.contains(ns),
+        "per-VM masquerade rules for {ns}:\n{postrouting}"
+    );
     let nat = run_ok("iptables", &["-t", "nat", "-S"]);
-    assert!(nat.contains(ns), "no NAT rules for {ns}:\n{nat}");
     assert!(nat.contains("16868"), "no port mapping for 16868:\n{nat}");
     // The agent sees the assigned address; DNS from the default network.
     let pid = env.running_pid(ns);
@@ -162,30 +191,40 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
         .cid;
     assert!(init_log(&env, forced.as_str()).contains("started /usr/sbin/runsvdir-start"));
     // Same bridge for the same subnet; VMs reach each other.
-    run_ok(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            forced.as_str(),
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "3",
-            "10.231.20.10",
-        ],
-    );
+    ping_from(forced.as_str(), "10.231.20.10");
+
+    // Across bridges, through the host's FORWARD chain (whose policy dockerd sets
+    // to DROP): a VM only on the second subnet answers one only on the first.
+    // (With the bridges' rules left out, even the ping within one bridge above
+    // fails on this machine: br_netfilter sends bridged traffic through FORWARD.)
+    let second = cpi
+        .create_vm(
+            ctx,
+            CreateVm {
+                agent_id: AgentId::new("agent-second").expect("id"),
+                stemcell: noble.clone(),
+                cloud_properties: VmCloudProperties::parse(&json!({})).expect("props"),
+                networks: Networks::parse(&json!({"b": {"type": "manual", "ip": "10.231.21.11",
+                    "netmask": "255.255.255.0", "gateway": "10.231.21.1"}}))
+                .expect("networks"),
+                disk_cids: vec![],
+                env: json!({}),
+            },
+        )
+        .await
+        .expect("create_vm on the second subnet")
+        .cid;
+    ping_from(forced.as_str(), "10.231.21.11");
 
     cpi.delete_vm(ctx, &vm).await.expect("delete_vm");
     cpi.delete_vm(ctx, &forced).await.expect("delete_vm");
+    cpi.delete_vm(ctx, &second).await.expect("delete_vm");
     let nat = run_ok("iptables", &["-t", "nat", "-S"]);
     assert!(!nat.contains(ns), "NAT rules left for {ns}:\n{nat}");
     cpi.delete_stemcell(ctx, &noble)
         .await
         .expect("delete_stemcell");
-    env.assert_clean(&[vm.to_string(), forced.to_string()]);
+    env.assert_clean(&[vm.to_string(), forced.to_string(), second.to_string()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -307,21 +346,7 @@ async fn reboot_vm_restores_what_a_host_reboot_loses() {
         addrs.contains(&format!("{dynamic_ip}/24")),
         "dynamic address changed: {addrs}"
     );
-    run_ok(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            vm.as_str(),
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "3",
-            "10.231.25.1",
-        ],
-    );
+    ping_from(vm.as_str(), "10.231.25.1");
     // A disk attached after the restore still appears live.
     cpi.detach_disk(ctx, &vm, &disk).await.expect("detach");
     cpi.attach_disk(ctx, &vm, &disk)

@@ -237,35 +237,8 @@ pub fn run(
 /// subnet, `bcpi` and 10 hex digits of the subnet's SHA-256, kept after its VMs like a
 /// Docker network): removed when nothing is plugged into it any more.
 fn remove_containerd_bridge(subnet_prefix: &str) -> Result<(), String> {
-    use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(format!("{subnet_prefix}.0/24").as_bytes());
-    let name: String = std::iter::once("bcpi".to_owned())
-        .chain(hash.iter().take(5).map(|b| format!("{b:02x}")))
-        .collect();
-    let sys = Path::new("/sys/class/net").join(&name);
-    if !sys.exists() {
-        return Ok(());
-    }
-    let ports = std::fs::read_dir(sys.join("brif"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    if ports > 0 {
-        return Err(format!(
-            "bridge {name} still has {ports} interfaces; not removing it"
-        ));
-    }
-    let out = std::process::Command::new("ip")
-        .args(["link", "delete", &name])
-        .output()
-        .map_err(|e| format!("ip link delete {name}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip link delete {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let name = cpi_tests::daemons::cpi_bridge_name(&format!("{subnet_prefix}.0/24"));
+    cpi_tests::daemons::remove_cpi_bridge(&name).map(|_| ())
 }
 
 fn rows(

@@ -2,19 +2,20 @@
 //! network, all through Debian's `containernetworking-plugins`.
 //!
 //! - Manual networks: the `bridge` plugin (one bridge per BOSH subnet, `bcpi<hash>`,
-//!   the host holding the gateway address, outbound NAT) with `static` IPAM giving the
+//!   the host holding the gateway address) with `static` IPAM giving the
 //!   BOSH address, gateway and routes.
 //! - Dynamic networks: the same bridge with `host-local` IPAM allocating from the
 //!   network's `subnet` cloud property (or `containerd.dynamic_subnet`); the assigned
 //!   address is reported back to the director.
-//! - Every list ends with the `firewall` plugin, which lets the VM's traffic through
-//!   the host's FORWARD chain (Docker sets its policy to DROP), and the default
-//!   gateway's list with `portmap` when the VM publishes `ports`.
+//! - The host's FORWARD and outbound-NAT rules are per bridge, made once
+//!   ([`rules`]); the default gateway's list ends with `portmap` when the VM
+//!   publishes `ports`.
 //!
 //! What was run is written to the VM directory *before* it runs, so that DEL can be
 //! replayed after a crash halfway ([`teardown`] is idempotent).
 
 pub mod cni;
+pub mod rules;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -46,6 +47,10 @@ pub struct Attachment {
     /// The ADD result, once ADD succeeded.
     #[serde(default)]
     pub result: Option<Value>,
+    /// The host rules its bridge needs (none for loopback, and none in records
+    /// written when per-VM plugins made them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_rules: Option<rules::BridgeRules>,
 }
 
 /// Everything needed to undo a VM's networking, stored as `network.json` in its
@@ -152,6 +157,7 @@ pub fn plan(
         runtime_config: Map::new(),
         attempted: false,
         result: None,
+        bridge_rules: None,
     }];
     let mappings = ports
         .iter()
@@ -216,14 +222,16 @@ pub fn plan(
             NetworkType::Vip => continue,
         };
         let bridge = bridge_name(&subnet);
+        // No `ipMasq` and no `firewall` plugin: their per-VM rules are the bridge's
+        // (`rules`), made once.
         let mut bridge_plugin = json!({"type": "bridge", "bridge": bridge, "isGateway": has_gateway,
-               "ipMasq": has_gateway, "hairpinMode": true, "ipam": ipam});
+               "ipMasq": false, "hairpinMode": true, "ipam": ipam});
         if net.kind == NetworkType::Dynamic {
             // Lets a later ADD ask host-local for the address the VM had
             // (restoring a VM after a host reboot).
             bridge_plugin["capabilities"] = json!({"ips": true});
         }
-        let mut plugins = vec![bridge_plugin, json!({"type": "firewall"})];
+        let mut plugins = vec![bridge_plugin];
         let mut runtime_config = Map::new();
         if is_default && !mappings.is_empty() {
             plugins.push(json!({"type": "portmap", "snat": true,
@@ -249,6 +257,11 @@ pub fn plan(
             runtime_config,
             attempted: false,
             result: None,
+            bridge_rules: Some(rules::BridgeRules {
+                bridge,
+                subnet,
+                masquerade: has_gateway,
+            }),
         });
         index += 1;
     }
@@ -368,36 +381,71 @@ pub fn release_addresses(state_dir: &Path, vm_cid: &str) -> Vec<String> {
     failures
 }
 
-fn ip_binary() -> PathBuf {
-    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("ip"))
+/// Creates the network namespace `name` at [`cni::netns_path`], as `ip netns add`
+/// does but without a process: the namespace directory made a shared mount point,
+/// an empty file, and a thread that unshares its network namespace and bind-mounts
+/// it on that file (the namespace lives as long as the mount).
+fn add_netns(name: &str) -> Result<()> {
+    let path = cni::netns_path(name);
+    let dir = path.parent().unwrap_or(Path::new("/var/run/netns"));
+    crate::fsutil::create_dirs(dir, false)?;
+    // The mount table names `/run/netns`, not `/var/run/netns` (a symlink): look
+    // it up by its real path, or every call would stack another bind mount.
+    let real = std::fs::canonicalize(dir).map_err(|e| ContainerdError::io("resolving", dir, e))?;
+    crate::mount::ensure_shared_mount_point(&real)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| ContainerdError::io("creating", &path, e))?;
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<()> {
+            // rustix deprecates its safe `unshare` because CLONE_FILES would leave
+            // this thread with a file table of its own; CLONE_NEWNET alone only
+            // moves this short-lived thread to a new network namespace, and the
+            // workspace forbids unsafe code.
+            #[allow(deprecated)]
+            rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET)?;
+            rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)?;
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    });
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(&path);
+        ContainerdError::io("creating the network namespace", &path, e)
+    })
 }
 
-async fn run_ip(args: &[&str]) -> Result<()> {
-    let ip = ip_binary();
-    let command = format!("{} {}", ip.display(), args.join(" "));
-    let out = tokio::process::Command::new(&ip)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| ContainerdError::Command {
-            command: command.clone(),
-            message: format!("cannot run it: {e} (install iproute2)"),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(ContainerdError::Command {
-            command,
-            message: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        })
+/// Whether `path` is a network namespace (a bind mount of one: `nsfs`).
+fn is_netns(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    // `f_type` is an i64 on x86_64 but narrower on 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    let is_nsfs = |s: rustix::fs::StatFs| i64::from(s.f_type) == NSFS_MAGIC;
+    rustix::fs::statfs(path).is_ok_and(is_nsfs)
+}
+
+/// Removes the network namespace `name` as `ip netns delete` does: a lazy unmount
+/// and the file. A namespace that is not there is success.
+fn delete_netns(name: &str) -> Result<()> {
+    let path = cni::netns_path(name);
+    match rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => {}
+        Err(e) => {
+            return Err(ContainerdError::io(
+                "unmounting the network namespace",
+                &path,
+                std::io::Error::from(e),
+            ))
+        }
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ContainerdError::io("removing", &path, e)),
     }
 }
 
@@ -430,12 +478,29 @@ fn runtime_for(state: &NetworkState, a: &Attachment, bin_dir: &Path) -> cni::Run
     }
 }
 
-/// Creates the VM's network namespace and runs ADD for every attachment, recording
-/// each result in `state_path` as it goes. On failure the caller runs [`teardown`].
-pub async fn setup(state_path: &Path, state: &mut NetworkState, bin_dir: &Path) -> Result<()> {
+/// Makes sure the host has its bridges' rules, creates the VM's network namespace
+/// and runs ADD for every attachment, recording each result in `state_path` as it
+/// goes. On failure the caller runs [`teardown`].
+pub async fn setup(
+    state_dir: &Path,
+    state_path: &Path,
+    state: &mut NetworkState,
+    bin_dir: &Path,
+) -> Result<()> {
     write_state(state_path, state)?;
-    if !cni::netns_path(&state.netns).exists() {
-        run_ip(&["netns", "add", &state.netns]).await?;
+    let bridges: Vec<&rules::BridgeRules> = state
+        .attachments
+        .iter()
+        .filter_map(|a| a.bridge_rules.as_ref())
+        .collect();
+    rules::ensure(state_dir, &bridges).await?;
+    let netns = cni::netns_path(&state.netns);
+    if !is_netns(&netns) {
+        // A file without a namespace on it: a create killed halfway.
+        if netns.exists() {
+            delete_netns(&state.netns)?;
+        }
+        add_netns(&state.netns)?;
     }
     for i in 0..state.attachments.len() {
         state.attachments[i].attempted = true;
@@ -602,12 +667,18 @@ pub async fn teardown(state_path: &Path, vm_cid: &str, bin_dir: &Path) -> Vec<St
     }
     // The bridge plugin's DEL removes its NAT rules by the addresses it finds on the
     // interface in the namespace. Only without the namespace, the record, or a clean
-    // DEL can rules be left: scanning for them costs two iptables runs (~5 ms).
-    if !had_netns || state.is_none() || !failures.is_empty() {
+    // DEL can rules be left: scanning for them costs two iptables runs (~5 ms). Only
+    // VMs recorded before the rules became per bridge have such rules.
+    let per_vm_rules = state.as_ref().is_none_or(|s| {
+        s.attachments
+            .iter()
+            .any(|a| a.network.is_some() && a.bridge_rules.is_none())
+    });
+    if per_vm_rules && (!had_netns || state.is_none() || !failures.is_empty()) {
         failures.extend(remove_masquerade(vm_cid).await);
     }
     if cni::netns_path(netns).exists() {
-        if let Err(e) = run_ip(&["netns", "delete", netns]).await {
+        if let Err(e) = delete_netns(netns) {
             failures.push(e.to_string());
         }
     }
@@ -656,7 +727,7 @@ mod tests {
         assert_eq!(bridge["bridge"], json!(br));
         assert!(br.len() <= 15);
         assert_eq!(bridge["isGateway"], true);
-        assert_eq!(bridge["ipMasq"], true);
+        assert_eq!(bridge["ipMasq"], false);
         assert_eq!(
             bridge["ipam"],
             json!({"type": "static",
@@ -664,7 +735,17 @@ mod tests {
                    "routes": [{"dst": "192.168.0.0/16", "gw": "10.245.0.2"},
                               {"dst": "0.0.0.0/0", "gw": "10.245.0.1"}]})
         );
-        assert_eq!(eth0.conflist["plugins"][1]["type"], "firewall");
+        // The host rules are the bridge's, not a per-VM plugin's.
+        assert_eq!(eth0.conflist["plugins"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            eth0.bridge_rules,
+            Some(rules::BridgeRules {
+                bridge: br.clone(),
+                subnet: "10.245.0.0/16".parse().expect("net"),
+                masquerade: true,
+            })
+        );
+        assert_eq!(state.attachments[0].bridge_rules, None);
         assert_eq!(eth0.conflist["cniVersion"], cni::CNI_VERSION);
     }
 
@@ -701,10 +782,10 @@ mod tests {
             state.attachments[1].conflist["plugins"]
                 .as_array()
                 .map(Vec::len),
-            Some(2)
+            Some(1)
         );
         assert_eq!(
-            state.attachments[2].conflist["plugins"][2]["type"],
+            state.attachments[2].conflist["plugins"][1]["type"],
             "portmap"
         );
         assert_eq!(
@@ -901,5 +982,33 @@ mod tests {
             serde_json::from_str::<NetworkState>(&text).expect("parse"),
             state
         );
+    }
+
+    /// Needs root (CAP_SYS_ADMIN), as the CPI does.
+    #[test]
+    fn network_namespaces_are_made_and_removed_in_process() {
+        let name = format!("bcpi-unit-{}", std::process::id());
+        let path = cni::netns_path(&name);
+        add_netns(&name).expect("add_netns needs root (CAP_SYS_ADMIN), as the CPI does");
+        assert!(is_netns(&path));
+        // Our own namespace is not that one.
+        let ours = std::fs::metadata("/proc/self/ns/net").expect("own netns");
+        let made = std::fs::metadata(&path).expect("made netns");
+        assert_ne!(
+            std::os::unix::fs::MetadataExt::ino(&ours),
+            std::os::unix::fs::MetadataExt::ino(&made)
+        );
+        assert!(
+            add_netns(&name).is_err(),
+            "a second add must not replace it"
+        );
+        delete_netns(&name).expect("delete_netns");
+        assert!(!path.exists() && !is_netns(&path));
+        delete_netns(&name).expect("deleting twice");
+        // A plain file (a create killed halfway) is not a namespace.
+        std::fs::write(&path, b"").expect("plain file");
+        assert!(!is_netns(&path));
+        delete_netns(&name).expect("removing the plain file");
+        assert!(!path.exists());
     }
 }

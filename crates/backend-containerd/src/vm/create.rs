@@ -238,7 +238,13 @@ impl ContainerdCpi {
             .await?;
             network::reserve_addresses(&self.config.state_dir, cid, &req.networks)?;
         }
-        network::setup(&paths.network_state, plan, &self.config.cni_bin_dir).await?;
+        network::setup(
+            &self.config.state_dir,
+            &paths.network_state,
+            plan,
+            &self.config.cni_bin_dir,
+        )
+        .await?;
         network::record_assigned(plan, networks);
 
         let lease_id = content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS).await?;

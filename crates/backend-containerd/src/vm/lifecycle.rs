@@ -103,7 +103,13 @@ impl ContainerdCpi {
             )));
         }
         network::prepare_readd(&mut state);
-        network::setup(&paths.network_state, &mut state, &self.config.cni_bin_dir).await?;
+        network::setup(
+            &self.config.state_dir,
+            &paths.network_state,
+            &mut state,
+            &self.config.cni_bin_dir,
+        )
+        .await?;
         for (a, old) in state.attachments.iter().zip(before) {
             let new = a.result.as_ref().map(network::cni::result_ips);
             if old.is_some() && new != old {

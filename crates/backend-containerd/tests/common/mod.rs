@@ -14,7 +14,6 @@ use std::process::Command;
 use backend_containerd::{ContainerdConfig, ContainerdCpi};
 use cpi_core::{AgentOptions, CallContext, Cpi, CpiError, ErrorKind};
 use cpi_tests::daemons::{ctr, require_containerd};
-use sha2::Digest;
 
 /// One test's world.
 pub struct TestEnv {
@@ -297,23 +296,15 @@ impl Drop for TestEnv {
             }
         }
         for subnet in &self.subnets {
-            let bridge = bridge_name(subnet);
-            let members = Path::new("/sys/class/net").join(&bridge).join("brif");
-            let empty = std::fs::read_dir(&members)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-            if empty {
-                let _ = run("ip", &["link", "delete", &bridge]);
-            }
+            // Kept (an error) while a VM of another test still uses it.
+            let _ = cpi_tests::daemons::remove_cpi_bridge(&bridge_name(subnet));
         }
     }
 }
 
 /// The bridge the backend makes for a subnet (`bcpi` + 10 hex digits of its hash).
 pub fn bridge_name(subnet: &str) -> String {
-    let hash = sha2::Sha256::digest(subnet.as_bytes());
-    let hex: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    format!("bcpi{hex}")
+    cpi_tests::daemons::cpi_bridge_name(subnet)
 }
 
 /// Runs a host command, returning stdout (empty on failure).

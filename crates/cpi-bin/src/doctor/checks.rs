@@ -10,12 +10,11 @@ use super::host::{self, Cgroup, Mount};
 use super::report::{Finding, Status};
 
 /// The CNI plugins the containerd backend runs, and whether each is essential.
-pub const CNI_PLUGINS: [(&str, bool); 6] = [
+pub const CNI_PLUGINS: [(&str, bool); 5] = [
     ("bridge", true),
     ("host-local", true),
     ("static", true),
     ("loopback", true),
-    ("firewall", true),
     ("portmap", false),
 ];
 

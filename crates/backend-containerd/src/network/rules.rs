@@ -1,0 +1,323 @@
+//! The host's firewall rules for the CPI's bridges: made once per bridge, not per VM.
+//!
+//! A VM's traffic must pass the host's FORWARD chain (Docker sets its policy to
+//! DROP) and leave the host masqueraded. The CNI `bridge` plugin's `ipMasq` and the
+//! `firewall` plugin did that with per-VM rules and chains, about fifteen `iptables`
+//! processes on every `create_vm` and again on every `delete_vm`, contending for the
+//! xtables lock when the director creates VMs in parallel. The same effect for every
+//! VM of a bridge takes three rules, like the ones Docker keeps for `docker0`:
+//!
+//! - `filter FORWARD -i BRIDGE -j ACCEPT`: everything a VM sends (to the outside, to
+//!   VMs on other bridges, and between VMs of the bridge when `br_netfilter` makes
+//!   bridged traffic pass FORWARD);
+//! - `filter FORWARD -o BRIDGE -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j
+//!   ACCEPT`: replies, and connections to published ports (`portmap`'s DNAT);
+//! - `nat POSTROUTING -s SUBNET ! -d MULTICAST ! -o BRIDGE -j MASQUERADE`, for
+//!   networks with a gateway: outbound NAT, as `ipMasq` did.
+//!
+//! Each rule carries the comment `bcpi:<bridge>:<role>`, by which it is found. A
+//! `create_vm` lists the tables once (`iptables-save`, one process) and adds what is
+//! missing under a host lock; on a host that has them, that is all. The rules stay
+//! with the bridge (which outlives its VMs on purpose); `remove_idle_cpi_bridges` in
+//! `scripts/lib.sh` removes both. VMs recorded with the old per-VM plugins keep them:
+//! their DEL replays what their ADD ran.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ContainerdError, Result};
+use crate::hostlock::{self, Scope};
+
+/// How long a `create_vm` waits for another process adding bridge rules.
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// The rules one bridge needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeRules {
+    /// The bridge (`bcpi…`).
+    pub bridge: String,
+    /// The BOSH subnet on it.
+    pub subnet: IpNet,
+    /// Whether outbound traffic is masqueraded (networks with a gateway).
+    pub masquerade: bool,
+}
+
+/// One rule: where it goes and its match, in `iptables` argument form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `filter` or `nat`.
+    pub table: &'static str,
+    /// `FORWARD` or `POSTROUTING`.
+    pub chain: &'static str,
+    /// Inserted first in the chain (FORWARD: ahead of a DROP rule) or appended.
+    pub insert: bool,
+    /// The rule's comment, which identifies it.
+    pub comment: String,
+    /// The rule's match and target, comment included.
+    pub spec: Vec<String>,
+}
+
+impl BridgeRules {
+    /// Whether the subnet is IPv6 (`ip6tables`) or IPv4 (`iptables`).
+    pub fn is_ipv6(&self) -> bool {
+        self.subnet.addr().is_ipv6()
+    }
+
+    /// The rules of this bridge.
+    pub fn rules(&self) -> Vec<Rule> {
+        let comment = |role: &str| format!("bcpi:{}:{role}", self.bridge);
+        let spec = |args: &[&str], comment: &str| -> Vec<String> {
+            let mut v: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+            v.splice(
+                v.len() - 2..v.len() - 2,
+                ["-m", "comment", "--comment", comment].map(str::to_owned),
+            );
+            v
+        };
+        let br = self.bridge.as_str();
+        let mut out = Vec::new();
+        let c = comment("in");
+        out.push(Rule {
+            table: "filter",
+            chain: "FORWARD",
+            insert: true,
+            spec: spec(&["-i", br, "-j", "ACCEPT"], &c),
+            comment: c,
+        });
+        let c = comment("out");
+        out.push(Rule {
+            table: "filter",
+            chain: "FORWARD",
+            insert: true,
+            spec: spec(
+                &[
+                    "-o",
+                    br,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED,DNAT",
+                    "-j",
+                    "ACCEPT",
+                ],
+                &c,
+            ),
+            comment: c,
+        });
+        if self.masquerade {
+            let subnet = self.subnet.trunc().to_string();
+            let multicast = if self.is_ipv6() {
+                "ff00::/8"
+            } else {
+                "224.0.0.0/4"
+            };
+            let c = comment("masq");
+            out.push(Rule {
+                table: "nat",
+                chain: "POSTROUTING",
+                insert: false,
+                spec: spec(
+                    &[
+                        "-s",
+                        &subnet,
+                        "!",
+                        "-d",
+                        multicast,
+                        "!",
+                        "-o",
+                        br,
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                    &c,
+                ),
+                comment: c,
+            });
+        }
+        out
+    }
+}
+
+/// The rules of `wanted` that `listing` (the output of `iptables-save`) lacks. A
+/// rule is present when its table's chain has a rule with its comment.
+pub fn missing<'a>(listing: &str, wanted: &'a [Rule]) -> Vec<&'a Rule> {
+    let mut table = "";
+    let mut present: Vec<(&str, &str)> = Vec::new();
+    for line in listing.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let Some((chain, _)) = rest.split_once(' ') else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "--comment" {
+                if let Some(c) = words.next() {
+                    let c = c.trim_matches('"');
+                    if let Some(r) = wanted
+                        .iter()
+                        .find(|r| r.table == table && r.chain == chain && r.comment == c)
+                    {
+                        present.push((r.table, r.comment.as_str()));
+                    }
+                }
+            }
+        }
+    }
+    wanted
+        .iter()
+        .filter(|r| !present.contains(&(r.table, r.comment.as_str())))
+        .collect()
+}
+
+fn sbin(name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+async fn run(name: &str, args: &[String]) -> Result<String> {
+    let command = format!("{name} {}", args.join(" "));
+    let bin = sbin(name).ok_or_else(|| ContainerdError::Command {
+        command: command.clone(),
+        message: format!("{name} not found (install iptables)"),
+    })?;
+    let out = tokio::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| ContainerdError::Command {
+            command: command.clone(),
+            message: format!("cannot run it: {e}"),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(ContainerdError::Command {
+            command,
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+/// Makes sure the host has the rules of every bridge in `bridges`: one listing per
+/// address family, and additions (under the host's lock, listed again inside it)
+/// only for what is missing.
+pub async fn ensure(state_dir: &Path, bridges: &[&BridgeRules]) -> Result<()> {
+    for ipv6 in [false, true] {
+        let wanted: Vec<Rule> = bridges
+            .iter()
+            .filter(|b| b.is_ipv6() == ipv6)
+            .flat_map(|b| b.rules())
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let (save, tool) = if ipv6 {
+            ("ip6tables-save", "ip6tables")
+        } else {
+            ("iptables-save", "iptables")
+        };
+        if missing(&run(save, &[]).await?, &wanted).is_empty() {
+            continue;
+        }
+        let _lock = hostlock::acquire(state_dir, Scope::BridgeRules, LOCK_WAIT).await?;
+        let listing = run(save, &[]).await?;
+        for rule in missing(&listing, &wanted) {
+            let mut args: Vec<String> = vec!["-w".into(), "-t".into(), rule.table.into()];
+            if rule.insert {
+                args.extend(["-I".into(), rule.chain.into(), "1".into()]);
+            } else {
+                args.extend(["-A".into(), rule.chain.into()]);
+            }
+            args.extend(rule.spec.iter().cloned());
+            run(tool, &args).await?;
+            tracing::info!(comment = %rule.comment, "added a host rule for a CPI bridge");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(masq: bool) -> BridgeRules {
+        BridgeRules {
+            bridge: "bcpi0123456789".into(),
+            subnet: "10.231.20.7/24".parse().expect("net"),
+            masquerade: masq,
+        }
+    }
+
+    #[test]
+    fn three_rules_with_masquerade_two_without() {
+        let r = rules(true).rules();
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            r[0].spec.join(" "),
+            "-i bcpi0123456789 -m comment --comment bcpi:bcpi0123456789:in -j ACCEPT"
+        );
+        assert_eq!(
+            r[1].spec.join(" "),
+            "-o bcpi0123456789 -m conntrack --ctstate RELATED,ESTABLISHED,DNAT \
+             -m comment --comment bcpi:bcpi0123456789:out -j ACCEPT"
+        );
+        assert_eq!(
+            r[2].spec.join(" "),
+            "-s 10.231.20.0/24 ! -d 224.0.0.0/4 ! -o bcpi0123456789 \
+             -m comment --comment bcpi:bcpi0123456789:masq -j MASQUERADE"
+        );
+        assert_eq!(
+            (r[2].table, r[2].chain, r[2].insert),
+            ("nat", "POSTROUTING", false)
+        );
+        assert!(r[0].insert && r[1].insert);
+        assert_eq!(rules(false).rules().len(), 2);
+        let v6 = BridgeRules {
+            subnet: "fd00:1::/64".parse().expect("net"),
+            ..rules(true)
+        };
+        assert!(v6.is_ipv6());
+        assert!(v6.rules()[2].spec.contains(&"ff00::/8".to_owned()));
+    }
+
+    #[test]
+    fn finds_what_a_listing_lacks_by_table_chain_and_comment() {
+        let wanted = rules(true).rules();
+        let none = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n";
+        assert_eq!(missing(none, &wanted).len(), 3);
+        let listing = "# Generated by iptables-nft-save\n*filter\n:FORWARD DROP [0:0]\n\
+            -A FORWARD -o bcpi0123456789 -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -m comment --comment bcpi:bcpi0123456789:out -j ACCEPT\n\
+            -A FORWARD -i bcpi0123456789 -m comment --comment bcpi:bcpi0123456789:in -j ACCEPT\n\
+            -A FORWARD -j DOCKER-USER\nCOMMIT\n*nat\n\
+            -A POSTROUTING -s 10.231.20.0/24 ! -d 224.0.0.0/4 ! -o bcpi0123456789 -m comment --comment bcpi:bcpi0123456789:masq -j MASQUERADE\nCOMMIT\n";
+        assert!(missing(listing, &wanted).is_empty());
+        // The same comment in another table or chain does not count, nor does a
+        // comment that only starts like it.
+        let elsewhere =
+            "*nat\n-A FORWARD -i x -m comment --comment bcpi:bcpi0123456789:in -j ACCEPT\n\
+            *filter\n-A INPUT -m comment --comment bcpi:bcpi0123456789:out -j ACCEPT\n\
+            -A FORWARD -m comment --comment \"bcpi:bcpi0123456789:in2\" -j ACCEPT\n";
+        assert_eq!(missing(elsewhere, &wanted).len(), 3);
+        // Quoted comments (as iptables prints some) are matched.
+        let quoted =
+            "*filter\n-A FORWARD -i b -m comment --comment \"bcpi:bcpi0123456789:in\" -j ACCEPT\n";
+        let left = missing(quoted, &wanted);
+        assert_eq!(left.len(), 2);
+        assert!(left.iter().all(|r| !r.comment.ends_with(":in")));
+    }
+}
