@@ -52,13 +52,14 @@ pub struct Daemon {
     namespace: AsciiMetadataValue,
     timeout: Duration,
     long_timeout: Duration,
-    /// containerd's version, as it reported it.
-    pub version: String,
 }
 
 impl Daemon {
-    /// Connects to the socket and asks containerd for its version, so that a missing
-    /// or unresponsive daemon is reported here with what to check.
+    /// Connects to the socket (a missing socket or a refused connection is reported
+    /// here with what to check). No request is made, so a trivial call costs one
+    /// round trip rather than two; [`Daemon::version`] asks when wanted (`cpi
+    /// doctor`). A daemon that accepts but does not answer is reported by the first
+    /// call, which names the request and the socket.
     pub async fn connect(
         socket: &Path,
         namespace: &str,
@@ -91,27 +92,33 @@ impl Daemon {
         let namespace = namespace
             .parse::<AsciiMetadataValue>()
             .map_err(|_| ContainerdError::BadArgument(format!("namespace {namespace:?}")))?;
-        let mut daemon = Daemon {
+        let daemon = Daemon {
             channel,
             socket: socket.to_path_buf(),
             namespace,
             timeout,
             long_timeout,
-            version: String::new(),
         };
-        let version = daemon
+        tracing::debug!(socket = %socket.display(), "connected to containerd");
+        Ok(daemon)
+    }
+
+    /// containerd's version, from its version service.
+    pub async fn version(&self) -> Result<String> {
+        let reply = self
             .call(
                 "Version.Version",
-                VersionClient::new(daemon.channel.clone()).version(()),
+                VersionClient::new(self.channel.clone()).version(()),
             )
             .await
             .map_err(|e| match e {
-                ContainerdError::Grpc { status, .. } => connect_err(status.message().to_owned()),
+                ContainerdError::Grpc { status, .. } => ContainerdError::Connect {
+                    socket: self.socket.clone(),
+                    message: status.message().to_owned(),
+                },
                 other => other,
             })?;
-        daemon.version = version.version;
-        tracing::debug!(socket = %socket.display(), version = %daemon.version, "connected to containerd");
-        Ok(daemon)
+        Ok(reply.version)
     }
 
     /// The socket we are connected to.

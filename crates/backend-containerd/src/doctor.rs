@@ -26,6 +26,7 @@ pub const KIND_LABEL: &str = "io.bosh.cpi.kind";
 #[derive(Debug, Clone)]
 pub struct Connection {
     daemon: Daemon,
+    version: String,
     namespace: String,
     snapshotter: String,
     runtime: String,
@@ -41,8 +42,10 @@ impl Connection {
             Duration::from_secs(config.import_timeout_seconds.max(1)),
         )
         .await?;
+        let version = daemon.version().await?;
         Ok(Connection {
             daemon,
+            version,
             namespace: config.namespace.clone(),
             snapshotter: config.snapshotter.clone(),
             runtime: config.runtime.clone(),
@@ -51,7 +54,7 @@ impl Connection {
 
     /// containerd's version, as its version service reported it.
     pub fn version(&self) -> &str {
-        &self.daemon.version
+        &self.version
     }
 
     /// Whether the configured snapshotter is loaded: `Ok(())`, or containerd's
