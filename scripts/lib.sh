@@ -359,20 +359,23 @@ remove_idle_cpi_bridges() {
 # The host rules the containerd backend keeps for a bridge (FORWARD accept, outbound
 # NAT), found by their comment `bcpi:<bridge>:<role>`; removed with the bridge.
 remove_cpi_bridge_rules() {
-    local bridge=$1 tool table chain rule
+    local bridge=$1 tool table chain rule rules
     for tool in iptables ip6tables; do
         command -v "$tool" >/dev/null || continue
         for table in filter:FORWARD nat:POSTROUTING; do
             chain=${table#*:}
             table=${table%%:*}
             # Printed as `-A FORWARD ... --comment "bcpi:<bridge>:in" -j ACCEPT`; the
-            # words, quotes dropped, are the arguments of -D.
-            "$tool" -w -t "$table" -S "$chain" 2>/dev/null | grep -F -- "--comment \"bcpi:$bridge:" |
-                while read -r rule; do
-                    rule=${rule//\"/}
-                    # shellcheck disable=SC2086 # the rule's words are iptables arguments
-                    "$tool" -w -t "$table" -D ${rule#-A } || true
-                done
+            # words, quotes dropped, are the arguments of -D. No match is the usual
+            # case (grep exits 1), not a failure.
+            rules=$("$tool" -w -t "$table" -S "$chain" 2>/dev/null |
+                grep -F -- "--comment \"bcpi:$bridge:" || true)
+            while read -r rule; do
+                [ -n "$rule" ] || continue
+                rule=${rule//\"/}
+                # shellcheck disable=SC2086 # the rule's words are iptables arguments
+                "$tool" -w -t "$table" -D ${rule#-A } || true
+            done <<<"$rules"
         done
     done
 }
