@@ -2,8 +2,15 @@
 //! (`GET`/`PUT /containers/<id>/archive`), which works on created-but-not-started
 //! containers: the file is in place before the VM's init runs (contract §4), and is
 //! rewritten in place when disks come and go.
+//!
+//! With the local mounter (the CPI on the daemon's host), the CPI also keeps a copy
+//! of what it last wrote in the VM's state directory ([`HostCopy`]), so attach and
+//! detach read the settings from there instead of through a second archive round
+//! trip (each costs tens of milliseconds: dockerd mounts the container's root
+//! filesystem for it).
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use bollard::query_parameters::{DownloadFromContainerOptions, UploadToContainerOptions};
 use cpi_core::agent_settings::SETTINGS_PATH;
@@ -135,6 +142,92 @@ pub async fn read(client: &Client, container: &str) -> Result<AgentSettings> {
     settings_from_archive(&bytes, container)
 }
 
+/// The host's copy of a VM's settings, beside its disks directory (never inside the
+/// VM): `settings.json` (mode 0600, what the last successful write put in the VM)
+/// and `settings.pending` (a write whose outcome is unknown).
+///
+/// A write marks itself pending, writes into the VM, then replaces the copy and
+/// clears the mark. A CPI killed (or a request failed) anywhere in between leaves
+/// the mark, and the next read goes to the VM's own file: the copy is used only when
+/// it is known to match.
+#[derive(Debug, Clone)]
+pub struct HostCopy {
+    dir: PathBuf,
+}
+
+impl HostCopy {
+    /// The copy of the VM whose state directory is `vm_dir`.
+    pub fn new(vm_dir: impl Into<PathBuf>) -> HostCopy {
+        HostCopy { dir: vm_dir.into() }
+    }
+
+    fn copy(&self) -> PathBuf {
+        self.dir.join("settings.json")
+    }
+
+    fn pending(&self) -> PathBuf {
+        self.dir.join("settings.pending")
+    }
+
+    /// The settings, when the copy is known to match the VM's file.
+    fn load(&self) -> Option<AgentSettings> {
+        if self.pending().exists() {
+            return None;
+        }
+        let bytes = std::fs::read(self.copy()).ok()?;
+        AgentSettings::from_json(&bytes).ok()
+    }
+
+    fn mark_pending(&self) -> Result<()> {
+        let path = self.pending();
+        std::fs::write(&path, b"")
+            .map_err(|e| DockerError::io("marking a settings write pending", &path, e))
+    }
+
+    /// Replaces the copy (atomically, mode 0600) and clears the pending mark.
+    fn store(&self, settings: &AgentSettings) -> Result<()> {
+        let path = self.copy();
+        let io =
+            |e: std::io::Error| DockerError::io("writing the host copy of the settings", &path, e);
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io)?;
+        tmp.write_all(&settings.to_json()).map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        match std::fs::remove_file(self.pending()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DockerError::io("clearing", self.pending(), e)),
+        }
+    }
+}
+
+/// Reads the VM's settings: from the host copy when there is one known to match,
+/// otherwise from the VM.
+pub async fn read_via(
+    client: &Client,
+    copy: Option<&HostCopy>,
+    container: &str,
+) -> Result<AgentSettings> {
+    if let Some(settings) = copy.and_then(HostCopy::load) {
+        return Ok(settings);
+    }
+    read(client, container).await
+}
+
+/// Writes the VM's settings, and the host copy after them (see [`HostCopy`]).
+pub async fn write_via(
+    client: &Client,
+    copy: Option<&HostCopy>,
+    container: &str,
+    settings: &AgentSettings,
+) -> Result<()> {
+    let Some(copy) = copy.filter(|c| Path::new(&c.dir).is_dir()) else {
+        return write(client, container, settings).await;
+    };
+    copy.mark_pending()?;
+    write(client, container, settings).await?;
+    copy.store(settings)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +299,32 @@ mod tests {
     fn garbage_is_reported_with_the_container() {
         let err = settings_from_archive(b"not a tar", "c-9").expect_err("garbage");
         assert!(err.to_string().contains("c-9"), "{err}");
+    }
+
+    #[test]
+    fn the_host_copy_is_used_only_when_known_to_match() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = HostCopy::new(dir.path());
+        assert!(copy.load().is_none(), "no copy yet");
+        // A write: pending while the VM's file is being written, then the copy.
+        copy.mark_pending().expect("pending");
+        assert!(copy.load().is_none(), "unknown while pending");
+        let mut s = settings();
+        s.attach_persistent(&DiskCid::new("disk-1").expect("disk"));
+        copy.store(&s).expect("store");
+        assert_eq!(copy.load().map(|l| l.to_json()), Some(s.to_json()));
+        let mode = std::fs::metadata(dir.path().join("settings.json"))
+            .expect("copy")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "it holds the agent's secrets");
+        // A later write that never finished (killed, or the request failed).
+        copy.mark_pending().expect("pending");
+        assert!(copy.load().is_none(), "an unfinished write hides the copy");
+        copy.store(&settings()).expect("store");
+        assert!(copy.load().is_some());
+        std::fs::write(dir.path().join("settings.json"), b"{not json").expect("corrupt");
+        assert!(copy.load().is_none(), "an unreadable copy is not used");
     }
 }

@@ -202,6 +202,19 @@ async fn full_lifecycle_with_live_attach() {
         settings(&vm1)["disks"]["persistent"][disk.as_str()],
         format!("/warden-cpi-dev/{disk}")
     );
+    // The host keeps a copy of what it wrote (attach and detach read it instead of
+    // the VM's file), outside the VM.
+    let vm_dir = h.state_dir.join("vms").join(vm1.as_str());
+    let host_copy = || -> Value {
+        serde_json::from_slice(&std::fs::read(vm_dir.join("settings.json")).expect("host copy"))
+            .expect("host copy json")
+    };
+    assert_eq!(host_copy(), settings(&vm1));
+    assert_eq!(
+        exec(vm1.as_str(), "ls /warden-cpi-dev"),
+        disk.as_str(),
+        "nothing but the disk is visible in the VM"
+    );
     assert_eq!(
         cpi.get_disks(ctx, &vm1).await.expect("get_disks"),
         vec![disk.clone()]
@@ -250,6 +263,18 @@ async fn full_lifecycle_with_live_attach() {
         .expect_err("delete while attached");
     assert!(err.message.contains("detach"), "{}", err.message);
 
+    // A settings write that never finished (a CPI killed after marking it pending)
+    // leaves the copy untrusted: the detach reads the VM's own file, so the ghost
+    // disk in this copy must not reach the VM.
+    let mut stale = host_copy();
+    stale["disks"]["persistent"]["ghost"] = json!("/warden-cpi-dev/ghost");
+    std::fs::write(
+        vm_dir.join("settings.json"),
+        serde_json::to_vec(&stale).expect("json"),
+    )
+    .expect("stale copy");
+    std::fs::write(vm_dir.join("settings.pending"), b"").expect("pending mark");
+
     // Detach live; detach again is DiskNotAttached.
     cpi.detach_disk(ctx, &vm1, &disk)
         .await
@@ -257,6 +282,8 @@ async fn full_lifecycle_with_live_attach() {
     assert_eq!(pid1(vm1.as_str()), before);
     assert!(!exec(vm1.as_str(), "cat /proc/self/mountinfo").contains("/warden-cpi-dev/"));
     assert_eq!(settings(&vm1)["disks"]["persistent"], json!({}));
+    assert_eq!(host_copy(), settings(&vm1), "the copy is trusted again");
+    assert!(!vm_dir.join("settings.pending").exists());
     assert!(cpi
         .get_disks(ctx, &vm1)
         .await

@@ -135,10 +135,11 @@ pub async fn attach_disk(
             }
         }
     };
+    let copy = super::settings_copy(mounter, &layout, vm.as_str());
     let update = async {
-        let mut settings = agent_env::read(client, vm.as_str()).await?;
+        let mut settings = agent_env::read_via(client, copy.as_ref(), vm.as_str()).await?;
         settings.attach_persistent(disk);
-        agent_env::write(client, vm.as_str(), &settings).await
+        agent_env::write_via(client, copy.as_ref(), vm.as_str(), &settings).await
     };
     if let Err(e) = update.await {
         if newly {
@@ -234,10 +235,11 @@ pub async fn detach_disk(
         }
     };
     // The settings follow the mounts, also when only the settings still had it.
-    let mut settings = agent_env::read(client, vm.as_str()).await?;
+    let copy = super::settings_copy(mounter, &layout, vm.as_str());
+    let mut settings = agent_env::read_via(client, copy.as_ref(), vm.as_str()).await?;
     let in_settings = settings.detach_persistent(disk);
     if in_settings || was_attached {
-        agent_env::write(client, vm.as_str(), &settings).await?;
+        agent_env::write_via(client, copy.as_ref(), vm.as_str(), &settings).await?;
     }
     if !was_attached && in_settings && exists {
         // A detach killed after the unmount, finished now: success, as the director

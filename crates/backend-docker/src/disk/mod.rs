@@ -27,6 +27,16 @@ use crate::{labels, DockerCpi, Mounter};
 use self::mounts::{MountEntry, StateLayout};
 
 pub use attach::{attach_disk, detach_disk, get_disks, reestablish};
+
+/// The host copy of a VM's settings ([`agent_env::HostCopy`]): kept with the local
+/// mounter, where the VM's state directory is on this host; none with the helper.
+pub fn settings_copy(
+    mounter: Mounter,
+    layout: &StateLayout,
+    vm: &str,
+) -> Option<crate::agent_env::HostCopy> {
+    (mounter == Mounter::Local).then(|| crate::agent_env::HostCopy::new(layout.vm_dir(vm)))
+}
 pub(crate) use attach::{attach_for_new_vm, unmount};
 
 /// What we need to know of a disk volume.

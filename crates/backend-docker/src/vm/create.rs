@@ -223,6 +223,7 @@ async fn create_steps(
         }
     }
 
+    let copy = disk::settings_copy(mounter, layout, vm_cid);
     let mut privilege = probe::initial_privilege(cpi, client, ctx, helper_image).await?;
     let mut probed = false;
     let mut shared_fixed = false;
@@ -260,7 +261,7 @@ async fn create_steps(
                     ep.docker_network, ep.bosh_name
                 )))?;
         }
-        agent_env::write(client, vm_cid, &settings).await?;
+        agent_env::write_via(client, copy.as_ref(), vm_cid, &settings).await?;
         match start(client, vm_cid).await {
             Ok(()) => break,
             Err(e) => {
@@ -348,7 +349,7 @@ async fn create_steps(
                 final_settings.attach_persistent(&d);
             }
         }
-        agent_env::write(client, vm_cid, &final_settings).await?;
+        agent_env::write_via(client, copy.as_ref(), vm_cid, &final_settings).await?;
         agent_env::mark_final(client, vm_cid).await?;
     }
     tracing::info!(vm_cid = %vm_cid, "VM created and started");
