@@ -28,7 +28,7 @@ use self::mounts::{MountEntry, StateLayout};
 
 pub use attach::{attach_disk, detach_disk, get_disks, reestablish};
 
-/// The host copy of a VM's settings ([`agent_env::HostCopy`]): kept with the local
+/// The host copy of a VM's settings ([`crate::agent_env::HostCopy`]): kept with the local
 /// mounter, where the VM's state directory is on this host; none with the helper.
 pub fn settings_copy(
     mounter: Mounter,
