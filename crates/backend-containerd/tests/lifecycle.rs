@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_kind, import_stemcell, in_vm, run_ok, start_time, vm_mount_points, TestEnv};
+use common::{
+    assert_kind, import_stemcell, in_vm, ping_from, run_ok, start_time, vm_mount_points, TestEnv,
+};
 use cpi_core::{
     AgentId, AgentSettings, Cpi, CreateDisk, CreateVm, DiskCid, ErrorKind, Networks, StemcellCid,
     VmCid, VmCloudProperties,
@@ -153,21 +155,7 @@ async fn full_lifecycle_with_live_attach_and_reboot() {
         ],
     );
     assert!(route.contains("via 10.231.7.1"), "{route}");
-    run_ok(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            vm_a.as_str(),
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "3",
-            "10.231.7.1",
-        ],
-    );
+    ping_from(vm_a.as_str(), "10.231.7.1");
 
     // Capabilities: the host's bounding set, CAP_SYS_RESOURCE absent on this host.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

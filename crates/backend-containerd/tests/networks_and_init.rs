@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{import_stemcell, in_vm, run_ok, TestEnv};
+use common::{import_stemcell, in_vm, ping_from, run_ok, TestEnv};
 use cpi_core::{AgentId, Cpi, CreateVm, Networks, VmCloudProperties};
 use serde_json::json;
 
@@ -24,25 +24,6 @@ fn init_log(env: &TestEnv, cid: &str) -> String {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("no init log in VM {cid}; console:\n{}", env.console(cid));
-}
-
-/// One ping from VM `ns`'s network namespace to `ip`; panics when unanswered.
-fn ping_from(ns: &str, ip: &str) {
-    run_ok(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns,
-            "/bin/busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "3",
-            ip,
-        ],
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -316,6 +316,25 @@ pub fn run(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// One ping from VM `ns`'s network namespace to `ip`; panics when unanswered.
+pub fn ping_from(ns: &str, ip: &str) {
+    run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "3",
+            ip,
+        ],
+    );
+}
+
 /// Runs a host command and panics unless it succeeds; returns stdout.
 pub fn run_ok(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect(program);
