@@ -320,15 +320,6 @@ fn tear_down(cpi: &Cpi, made: &Made<'_>, vm: &str, disk: &str) {
     }
 }
 
-/// The bridge the containerd backend's CNI setup makes for `subnet` (`bcpi` and 10
-/// hex digits of the subnet's SHA-256), removed at the end: the subnet is the run's.
-fn cni_bridge(subnet: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(subnet.as_bytes());
-    let hex: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    format!("bcpi{hex}")
-}
-
 fn pid1_start(exec: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     exec("cut -d' ' -f22 /proc/1/stat").map(|s| s.trim().to_owned())
 }
@@ -339,7 +330,7 @@ fn containerd_restart_keeps_vms_and_disks() {
     let mut ctrd = PrivateContainerd::start(&name);
     let state_dir: PathBuf = ctrd.lib_dir.join("cpi-state");
     let prefix = subnet_prefix("ctrd");
-    let bridge = cni_bridge(&format!("{prefix}.0/24"));
+    let bridge = cpi_tests::daemons::cpi_bridge_name(&format!("{prefix}.0/24"));
     let cpi = Cpi::new(json!({
         "backend": "containerd",
         "agent": {"mbus": MBUS, "ntp": []},
@@ -454,9 +445,8 @@ fn containerd_restart_keeps_vms_and_disks() {
         left.stdout
     );
     drop(made);
-    let _ = std::process::Command::new("ip")
-        .args(["link", "delete", &bridge])
-        .output();
+    // The run's subnet: its bridge and the bridge's host rules go with it.
+    let _ = cpi_tests::daemons::remove_cpi_bridge(&bridge);
 }
 
 #[test]
