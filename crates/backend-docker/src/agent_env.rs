@@ -10,7 +10,7 @@
 //! filesystem for it).
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bollard::query_parameters::{DownloadFromContainerOptions, UploadToContainerOptions};
 use cpi_core::agent_settings::SETTINGS_PATH;
@@ -220,7 +220,7 @@ pub async fn write_via(
     container: &str,
     settings: &AgentSettings,
 ) -> Result<()> {
-    let Some(copy) = copy.filter(|c| Path::new(&c.dir).is_dir()) else {
+    let Some(copy) = copy.filter(|c| c.dir.is_dir()) else {
         return write(client, container, settings).await;
     };
     copy.mark_pending()?;

@@ -1,5 +1,6 @@
-//! VM networking with CNI: one network namespace per VM, one interface per BOSH
-//! network, all through Debian's `containernetworking-plugins`.
+//! VM networking with CNI: one network namespace per VM (made in-process, as `ip
+//! netns add` would), one interface per BOSH network through Debian's
+//! `containernetworking-plugins`.
 //!
 //! - Manual networks: the `bridge` plugin (one bridge per BOSH subnet, `bcpi<hash>`,
 //!   the host holding the gateway address) with `static` IPAM giving the
@@ -593,11 +594,7 @@ pub fn masquerade_rules(listing: &str, cid: &str) -> Vec<MasqRule> {
 async fn remove_masquerade(cid: &str) -> Vec<String> {
     let mut failures = Vec::new();
     for tool in ["iptables", "ip6tables"] {
-        let Some(bin) = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-            .iter()
-            .map(|d| Path::new(d).join(tool))
-            .find(|p| p.is_file())
-        else {
+        let Some(bin) = rules::sbin(tool) else {
             continue;
         };
         let Ok(out) = tokio::process::Command::new(&bin)

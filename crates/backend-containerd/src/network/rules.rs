@@ -178,7 +178,8 @@ pub fn missing<'a>(listing: &str, wanted: &'a [Rule]) -> Vec<&'a Rule> {
         .collect()
 }
 
-fn sbin(name: &str) -> Option<PathBuf> {
+/// Where the system binary `name` (`iptables`, `iptables-save`, ...) is installed.
+pub(crate) fn sbin(name: &str) -> Option<PathBuf> {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|d| Path::new(d).join(name))
