@@ -75,6 +75,13 @@ pub fn script(input: &PreludeInput) -> String {
     };
     step("# bosh-container-cpi VM prelude: runs on every start, then execs the init");
     step("warn() { echo \"bosh-container-cpi prelude: $*\" >&2; }");
+    // Replaces a file by a rename, so that the path never goes missing: dockerd
+    // mounts its resolv.conf, hosts and hostname over these paths whenever it
+    // handles an archive request for the container (the settings written after
+    // start), and a path that `rm` removed a moment earlier fails that request with
+    // ENOENT. `mv` also replaces a symlink (Ubuntu's resolv.conf) instead of writing
+    // through it.
+    step("put() { f=$1; shift; printf '%s\\n' \"$@\" > \"$f.bosh-cpi-new\" && mv -f \"$f.bosh-cpi-new\" \"$f\"; }");
     // Docker bind-mounts its own resolv.conf, hosts and hostname: the VM owns them
     // (the agent and bosh-dns replace them; a bind mount makes that fail with EBUSY).
     step("for f in /etc/resolv.conf /etc/hosts /etc/hostname; do while umount \"$f\" 2>/dev/null; do :; done; done");
@@ -94,8 +101,12 @@ pub fn script(input: &PreludeInput) -> String {
             .map(|ip| format!("nameserver {ip}"))
             .collect();
         step(&format!(
-            "rm -f /etc/resolv.conf && printf '%s\\n' {} > /etc/resolv.conf || warn 'cannot write /etc/resolv.conf'",
-            lines.iter().map(|l| sh_quote(l)).collect::<Vec<_>>().join(" ")
+            "put /etc/resolv.conf {} || warn 'cannot write /etc/resolv.conf'",
+            lines
+                .iter()
+                .map(|l| sh_quote(l))
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
     }
     let mut hosts = vec![
@@ -106,7 +117,7 @@ pub fn script(input: &PreludeInput) -> String {
         hosts.push(format!("{ip} {}", input.hostname));
     }
     step(&format!(
-        "rm -f /etc/hosts && printf '%s\\n' {} > /etc/hosts || warn 'cannot write /etc/hosts'",
+        "put /etc/hosts {} || warn 'cannot write /etc/hosts'",
         hosts
             .iter()
             .map(|l| sh_quote(l))
@@ -114,7 +125,7 @@ pub fn script(input: &PreludeInput) -> String {
             .join(" ")
     ));
     step(&format!(
-        "rm -f /etc/hostname && echo {hostname} > /etc/hostname || warn 'cannot write /etc/hostname'"
+        "put /etc/hostname {hostname} || warn 'cannot write /etc/hostname'"
     ));
     // Stale pid files and sockets of the previous boot; logs under data/sys stay.
     step("rm -rf /var/vcap/data/sys/run");
@@ -186,11 +197,14 @@ mod tests {
         let s = script(&input(Init::Runit));
         assert!(s.contains("for f in /etc/resolv.conf /etc/hosts /etc/hostname; do while umount"));
         assert!(
-            s.contains("printf '%s\\n' 'nameserver 10.245.0.2' > /etc/resolv.conf"),
+            s.contains("put /etc/resolv.conf 'nameserver 10.245.0.2'"),
             "{s}"
         );
         assert!(s.contains("'10.245.0.10 c-1'"), "{s}");
-        assert!(s.contains("echo c-1 > /etc/hostname"));
+        assert!(s.contains("put /etc/hostname c-1"), "{s}");
+        // Files are replaced by a rename, never removed first (see `put`).
+        assert!(s.contains("mv -f \"$f.bosh-cpi-new\" \"$f\""), "{s}");
+        assert!(!s.contains("rm -f /etc/"), "{s}");
         assert!(
             s.contains("mkdir -p /var/vcap/data/sys/log /var/vcap/data/sys/run /var/vcap/store")
         );
@@ -223,7 +237,7 @@ mod tests {
         i.nameservers.clear();
         i.address = None;
         let s = script(&i);
-        assert!(!s.contains("> /etc/resolv.conf"));
+        assert!(!s.contains("put /etc/resolv.conf"));
         assert!(!s.contains("c-1'"));
     }
 
@@ -244,6 +258,43 @@ mod tests {
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn put_replaces_a_file_or_symlink_by_a_rename() {
+        let s = script(&input(Init::Runit));
+        let put = s
+            .lines()
+            .find(|l| l.starts_with("put() {"))
+            .expect("the put helper");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("resolv.conf");
+        std::os::unix::fs::symlink("/nonexistent/stub-resolv.conf", &target).expect("symlink");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{put}\nput \"$1\" 'nameserver 10.0.0.2' 'search x' && put \"$1\" 'nameserver 10.0.0.3'"
+            ))
+            .arg("sh")
+            .arg(&target)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta = std::fs::symlink_metadata(&target).expect("meta");
+        assert!(meta.file_type().is_file(), "the symlink itself is replaced");
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("read"),
+            "nameserver 10.0.0.3\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            1,
+            "no temporary left"
         );
     }
 }
