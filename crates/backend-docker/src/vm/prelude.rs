@@ -248,10 +248,13 @@ mod tests {
             default_gateway: Some("10.0.0.1".parse().expect("ip")),
             ..input(Init::Systemd)
         });
+        sh_ok(&["-n", "-c", &s]);
+    }
+
+    /// Runs `sh` with `args` and asserts it succeeded.
+    fn sh_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) {
         let out = std::process::Command::new("sh")
-            .arg("-n")
-            .arg("-c")
-            .arg(&s)
+            .args(args)
             .output()
             .expect("sh");
         assert!(
@@ -271,20 +274,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = dir.path().join("resolv.conf");
         std::os::unix::fs::symlink("/nonexistent/stub-resolv.conf", &target).expect("symlink");
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "{put}\nput \"$1\" 'nameserver 10.0.0.2' 'search x' && put \"$1\" 'nameserver 10.0.0.3'"
-            ))
-            .arg("sh")
-            .arg(&target)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let script = format!(
+            "{put}\nput \"$1\" 'nameserver 10.0.0.2' 'search x' && put \"$1\" 'nameserver 10.0.0.3'"
         );
+        sh_ok(&[
+            std::ffi::OsStr::new("-c"),
+            script.as_ref(),
+            "sh".as_ref(),
+            target.as_os_str(),
+        ]);
         let meta = std::fs::symlink_metadata(&target).expect("meta");
         assert!(meta.file_type().is_file(), "the symlink itself is replaced");
         assert_eq!(
