@@ -92,6 +92,15 @@ pub fn disks_of(table: &[mount::MountInfo], paths: &VmPaths) -> Vec<String> {
     out
 }
 
+/// The disks mounted into the VM of `paths`, in cid order: by mount ids, else from
+/// the mount table.
+pub fn mounted_disks(paths: &VmPaths) -> Result<Vec<String>> {
+    match mount::mount_points_in(&paths.disks)? {
+        Some(d) => Ok(d),
+        None => Ok(disks_of(&mount::read_mountinfo()?, paths)),
+    }
+}
+
 /// Whether disk sizes can be enforced on the filesystem of `dir`, and why not. This
 /// backend never uses loop devices or filesystem images; project quotas would be the
 /// way, and are not implemented: the answer is always an explanation for the log.
@@ -228,8 +237,7 @@ impl ContainerdCpi {
         let paths = self.disk_paths(disk.as_str())?;
         let mut record = read_record(&paths, disk.as_str())?;
         let hint = DiskHint(disk_path_in_vm(disk));
-        let table = mount::read_mountinfo()?;
-        match attached_vm(&table, &self.config.state_dir, disk.as_str()) {
+        match self.attached_vm(disk.as_str())? {
             Some(v) if v == vm.as_str() => {
                 tracing::info!(vm_cid = %vm, disk_cid = %disk, "disk already attached to this VM");
                 // An attach killed after the bind has not written the record yet.
@@ -279,10 +287,8 @@ impl ContainerdCpi {
         let _lock = self.disks_lock().await?;
         let paths = self.disk_paths(disk.as_str())?;
         let mut record = read_record(&paths, disk.as_str())?;
-        let table = mount::read_mountinfo()?;
-        if attached_vm(&table, &self.config.state_dir, disk.as_str()).as_deref()
-            != Some(vm.as_str())
-        {
+        let target = self.vm_paths(vm.as_str()).disk_mount(disk.as_str());
+        if !self.is_attached_to(&target, vm.as_str(), disk.as_str())? {
             // A detach killed after the unmount: finish it (record, then settings),
             // or a reboot_vm would bind the disk again from the stale record and the
             // agent would still look for it.
@@ -308,7 +314,6 @@ impl ContainerdCpi {
             }
             .into());
         }
-        let target = self.vm_paths(vm.as_str()).disk_mount(disk.as_str());
         mount::unmount(&target)?;
         if let Err(e) = std::fs::remove_dir(&target) {
             tracing::warn!("could not remove {}: {e}", target.display());
@@ -326,11 +331,45 @@ impl ContainerdCpi {
     pub(crate) async fn do_get_disks(&self, vm: &VmCid) -> CpiResult<Vec<DiskCid>> {
         let d = self.daemon().await?;
         require_container(d, vm.as_str()).await?;
-        let table = mount::read_mountinfo()?;
-        disks_of(&table, &self.vm_paths(vm.as_str()))
+        mounted_disks(&self.vm_paths(vm.as_str()))?
             .into_iter()
             .map(DiskCid::new)
             .collect()
+    }
+
+    /// The VM disk `cid` is mounted into: a mount point `<state_dir>/vms/<vm>/disks/<cid>`,
+    /// found by mount ids (one `statx` pair per VM, not the host's whole mount table),
+    /// or from the table when the kernel reports no mount ids.
+    fn attached_vm(&self, cid: &str) -> Result<Option<String>> {
+        let vms = self.config.state_dir.join("vms");
+        let entries = match std::fs::read_dir(&vms) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ContainerdError::io("listing", &vms, e)),
+        };
+        for entry in entries.flatten() {
+            let vm = entry.file_name().to_string_lossy().into_owned();
+            match mount::is_mount_point(&self.vm_paths(&vm).disk_mount(cid))? {
+                Some(true) => return Ok(Some(vm)),
+                Some(false) => {}
+                None => {
+                    let table = mount::read_mountinfo()?;
+                    return Ok(attached_vm(&table, &self.config.state_dir, cid));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether disk `disk` is mounted at `target`, its mount point in VM `vm`.
+    fn is_attached_to(&self, target: &Path, vm: &str, disk: &str) -> Result<bool> {
+        match mount::is_mount_point(target)? {
+            Some(m) => Ok(m),
+            None => {
+                let table = mount::read_mountinfo()?;
+                Ok(attached_vm(&table, &self.config.state_dir, disk).as_deref() == Some(vm))
+            }
+        }
     }
 
     /// Whether the host copy of the VM's settings lists `disk` (false when unreadable).
@@ -436,12 +475,12 @@ impl ContainerdCpi {
     /// Unmounts every disk attached to a VM being deleted (their data stays) and
     /// records them as detached. Returns the failures.
     pub(crate) fn release_vm_disks(&self, vm_paths: &VmPaths) -> Vec<String> {
-        let table = match mount::read_mountinfo() {
-            Ok(t) => t,
+        let mounted = match mounted_disks(vm_paths) {
+            Ok(d) => d,
             Err(e) => return vec![e.to_string()],
         };
         let mut failures = Vec::new();
-        for disk in disks_of(&table, vm_paths) {
+        for disk in mounted {
             let target = vm_paths.disk_mount(&disk);
             if let Err(e) = mount::unmount(&target) {
                 failures.push(e.to_string());

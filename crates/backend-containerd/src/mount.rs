@@ -23,6 +23,128 @@ pub fn read_mountinfo() -> Result<Vec<MountInfo>> {
         .map_err(|e| ContainerdError::io("reading", path, e))
 }
 
+/// The mount id of `path` (not following a final symlink), or `None` when the
+/// kernel does not report mount ids (`STATX_MNT_ID`, Linux 5.8+) or `path` is gone.
+fn mount_id(path: &Path) -> Result<Option<u64>> {
+    use rustix::fs::{AtFlags, StatxFlags, CWD};
+    match rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+        StatxFlags::MNT_ID,
+    ) {
+        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => {
+            Ok(Some(st.stx_mnt_id))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
+        Err(e) => Err(ContainerdError::io("statx", path, std::io::Error::from(e))),
+    }
+}
+
+/// Whether `path` is a mount point, told by comparing its mount id with its parent's
+/// (two `statx` calls, so it costs the same with 1 or 1,000 mounts on the host, unlike
+/// reading the mount table; a bind mount within one filesystem counts, which a device
+/// number comparison would miss). `Some(false)` when `path` does not exist; `None`
+/// when the kernel reports no mount ids: then the caller reads the mount table.
+pub fn is_mount_point(path: &Path) -> Result<Option<bool>> {
+    if !path.exists() {
+        return Ok(Some(false));
+    }
+    let Some(parent) = path.parent() else {
+        return Ok(Some(true)); // "/"
+    };
+    Ok(match (mount_id(path)?, mount_id(parent)?) {
+        (Some(a), Some(b)) => Some(a != b),
+        _ => None,
+    })
+}
+
+/// The names of the entries of `dir` that are mount points, sorted (empty when `dir`
+/// does not exist). `None` when the kernel reports no mount ids.
+pub fn mount_points_in(dir: &Path) -> Result<Option<Vec<String>>> {
+    let Some(own) = mount_id(dir)? else {
+        return Ok(if dir.exists() { None } else { Some(Vec::new()) });
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+        Err(e) => return Err(ContainerdError::io("listing", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match mount_id(&path)? {
+            Some(id) if id != own => out.push(entry.file_name().to_string_lossy().into_owned()),
+            Some(_) => {}
+            None if path.exists() => return Ok(None),
+            None => {} // removed meanwhile
+        }
+    }
+    out.sort();
+    Ok(Some(out))
+}
+
+/// Removes `dir` and everything below it without ever crossing into another mount:
+/// a directory below it on a different mount (a disk still bound there, whose data
+/// must survive) stops the removal with an error naming it. `None` when the kernel
+/// reports no mount ids (the caller then checks the mount table and removes).
+pub fn remove_tree_on_one_mount(dir: &Path) -> Result<Option<()>> {
+    let Some(own) = mount_id(dir)? else {
+        return Ok(if dir.exists() { None } else { Some(()) });
+    };
+    fn walk(dir: &Path, own: u64) -> Result<Option<()>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(())),
+            Err(e) => return Err(ContainerdError::io("listing", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| ContainerdError::io("listing", dir, e))?;
+            let path = entry.path();
+            let is_dir = entry
+                .file_type()
+                .map_err(|e| ContainerdError::io("inspecting", &path, e))?
+                .is_dir();
+            if is_dir {
+                match mount_id(&path)? {
+                    Some(id) if id != own => {
+                        return Err(ContainerdError::Refused(format!(
+                            "not removing {}: {} is still mounted",
+                            dir.display(),
+                            path.display()
+                        )))
+                    }
+                    Some(_) => {}
+                    None if path.exists() => return Ok(None),
+                    None => continue,
+                }
+                if walk(&path, own)?.is_none() {
+                    return Ok(None);
+                }
+                remove_ignoring_gone(std::fs::remove_dir(&path), &path)?;
+            } else {
+                remove_ignoring_gone(std::fs::remove_file(&path), &path)?;
+            }
+        }
+        Ok(Some(()))
+    }
+    if walk(dir, own)?.is_none() {
+        return Ok(None);
+    }
+    remove_ignoring_gone(std::fs::remove_dir(dir), dir)?;
+    Ok(Some(()))
+}
+
+fn remove_ignoring_gone(r: std::io::Result<()>, path: &Path) -> Result<()> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(ContainerdError::io("removing", path, e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The topmost mount at exactly `path`, if `path` is a mount point.
 pub fn mount_at<'a>(table: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
     table.iter().rev().find(|m| m.mount_point == path)
@@ -193,7 +315,28 @@ fn unmount_within(target: &Path, grace: Duration) -> Result<()> {
 
 /// Unmounts everything at or below `dir`, deepest first, each as often as it is
 /// stacked. Returns the mount points that could not be unmounted (with why).
+///
+/// Only the mount points this CPI makes below a VM directory are looked for by mount
+/// id (`dir/<entry>` and `dir/disks/<entry>`, see [`known_mount_points`]); anything
+/// else mounted below stops [`remove_tree_on_one_mount`] later. Without mount ids
+/// the mount table is read.
 pub fn unmount_all_under(dir: &Path) -> Result<Vec<String>> {
+    if let Some(points) = known_mount_points(dir)? {
+        let mut failures = Vec::new();
+        for p in points {
+            // Each as often as it is stacked.
+            for _ in 0..8 {
+                if is_mount_point(&p)? != Some(true) {
+                    break;
+                }
+                if let Err(e) = unmount(&p) {
+                    failures.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        return Ok(failures);
+    }
     let mut failures = Vec::new();
     // A mount point can be stacked; retry a few rounds until nothing is left.
     for _ in 0..8 {
@@ -216,6 +359,23 @@ pub fn unmount_all_under(dir: &Path) -> Result<Vec<String>> {
     Ok(failures)
 }
 
+/// The mount points this CPI makes below a VM directory, deepest first: the entries
+/// of `dir/disks` (disks) and of `dir` (the VM's disks directory, a root filesystem
+/// mounted for a write) that are mount points. `None` without mount ids.
+fn known_mount_points(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let disks = dir.join("disks");
+    let (Some(inner), Some(outer)) = (mount_points_in(&disks)?, mount_points_in(dir)?) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        inner
+            .iter()
+            .map(|n| disks.join(n))
+            .chain(outer.iter().map(|n| dir.join(n)))
+            .collect(),
+    ))
+}
+
 /// Bind-mounts `source` on `target` (not recursive).
 pub fn bind(source: &Path, target: &Path) -> Result<()> {
     rustix::mount::mount_bind(source, target).map_err(|e| {
@@ -231,12 +391,23 @@ pub fn bind(source: &Path, target: &Path) -> Result<()> {
 /// dir; mount --make-shared dir`), unless it already is one. Mounts made below it
 /// later then appear in every container that bind-mounted it with slave propagation:
 /// that is how a disk attached on the host shows up live inside a running VM.
+///
+/// Told by mount ids, not the mount table: making a mount point that already is
+/// shared shared again changes nothing, so no table lookup of its propagation is
+/// needed.
 pub fn ensure_shared_mount_point(dir: &Path) -> Result<()> {
-    let table = read_mountinfo()?;
-    match mount_at(&table, dir) {
-        Some(m) if m.is_shared() => return Ok(()),
-        Some(_) => {}
-        None => bind(dir, dir)?,
+    let mounted = match is_mount_point(dir)? {
+        Some(m) => m,
+        None => {
+            let table = read_mountinfo()?;
+            match mount_at(&table, dir) {
+                Some(m) if m.is_shared() => return Ok(()),
+                found => found.is_some(),
+            }
+        }
+    };
+    if !mounted {
+        bind(dir, dir)?;
     }
     rustix::mount::mount_change(dir, MountPropagationFlags::SHARED)
         .map_err(|e| ContainerdError::io("making a shared mount of", dir, std::io::Error::from(e)))
@@ -309,6 +480,69 @@ mod tests {
         rustix::mount::mount("tmpfs", &target, "tmpfs", MountFlags::empty(), None)
             .expect("mounting a tmpfs needs root (CAP_SYS_ADMIN), as the CPI itself does");
         (dir, target)
+    }
+
+    #[test]
+    fn mount_points_are_told_by_mount_id_also_for_binds_within_one_filesystem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("plain");
+        let bound = dir.path().join("bound");
+        std::fs::create_dir(&plain).expect("mkdir");
+        std::fs::create_dir(&bound).expect("mkdir");
+        bind(&bound, &bound).expect("bind on itself");
+        assert_eq!(is_mount_point(&bound).expect("statx"), Some(true));
+        assert_eq!(is_mount_point(&plain).expect("statx"), Some(false));
+        assert_eq!(
+            is_mount_point(&dir.path().join("missing")).expect("statx"),
+            Some(false)
+        );
+        assert_eq!(
+            mount_points_in(dir.path()).expect("list"),
+            Some(vec!["bound".to_owned()])
+        );
+        // The table agrees.
+        assert!(mount_at(&read_mountinfo().expect("mountinfo"), &bound).is_some());
+        unmount(&bound).expect("unmount");
+        assert_eq!(is_mount_point(&bound).expect("statx"), Some(false));
+    }
+
+    #[test]
+    fn a_vm_directory_is_unmounted_and_removed_but_never_through_a_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm = dir.path().join("vms").join("vm-1");
+        let disks = vm.join("disks");
+        let disk_data = dir.path().join("disk-data");
+        std::fs::create_dir_all(disks.join("disk-1")).expect("mkdir");
+        std::fs::create_dir_all(vm.join("data").join("deep")).expect("mkdir");
+        std::fs::write(vm.join("data").join("deep").join("f"), b"x").expect("write");
+        std::fs::create_dir_all(&disk_data).expect("mkdir");
+        std::fs::write(disk_data.join("marker"), b"keep").expect("write");
+        ensure_shared_mount_point(&disks).expect("shared disks dir");
+        ensure_shared_mount_point(&disks).expect("twice: no second bind");
+        let table = read_mountinfo().expect("mountinfo");
+        assert_eq!(mounts_under(&table, &disks).len(), 1, "one bind, shared");
+        assert!(mount_at(&table, &disks).is_some_and(|m| m.is_shared()));
+        // A disk bound twice (stacked).
+        bind(&disk_data, &disks.join("disk-1")).expect("bind disk");
+        bind(&disk_data, &disks.join("disk-1")).expect("bind disk again");
+
+        let err = remove_tree_on_one_mount(&vm).expect_err("a disk is still mounted");
+        assert!(err.to_string().contains("still mounted"), "{err}");
+        assert_eq!(
+            std::fs::read(disk_data.join("marker")).expect("disk data kept"),
+            b"keep"
+        );
+
+        assert!(unmount_all_under(&vm).expect("unmount").is_empty());
+        assert!(mounts_under(&read_mountinfo().expect("mountinfo"), &vm).is_empty());
+        remove_tree_on_one_mount(&vm)
+            .expect("remove")
+            .expect("mount ids reported");
+        assert!(!vm.exists());
+        assert_eq!(
+            std::fs::read(disk_data.join("marker")).expect("disk data kept"),
+            b"keep"
+        );
     }
 
     #[test]

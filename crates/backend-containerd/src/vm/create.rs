@@ -238,31 +238,43 @@ impl ContainerdCpi {
             .await?;
             network::reserve_addresses(&self.config.state_dir, cid, &req.networks)?;
         }
-        network::setup(
+        // The network (CNI plugin processes) and the root filesystem and container
+        // record (containerd requests) do not depend on each other: both at once.
+        // Only the settings need the network's addresses, and they are written into
+        // the snapshot after both. `join!`, so neither is cut short when the other
+        // fails: the cleanup then finds a complete state of each.
+        let netns = network::cni::netns_path(&plan.netns);
+        let net = network::setup(
             &self.config.state_dir,
             &paths.network_state,
             plan,
             &self.config.cni_bin_dir,
-        )
-        .await?;
+        );
+        let rootfs = async {
+            let lease_id = content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS).await?;
+            *lease = Some(lease_id.clone());
+            let prepared = d
+                .call(
+                    format!("Snapshots.Prepare {cid} on {}", stemcell.chain_id),
+                    d.snapshots().prepare(d.req_leased(
+                        PrepareSnapshotRequest {
+                            snapshotter: self.config.snapshotter.clone(),
+                            key: cid.to_owned(),
+                            parent: stemcell.chain_id.clone(),
+                            labels: labels::base(&self.config.labels),
+                        },
+                        &lease_id,
+                    )),
+                )
+                .await?;
+            self.create_container(d, ctx, req, cid, init, netns, &paths, &lease_id)
+                .await?;
+            Ok::<_, ContainerdError>(prepared.mounts)
+        };
+        let (net, rootfs) = tokio::join!(net, rootfs);
+        net?;
+        let mounts = rootfs?;
         network::record_assigned(plan, networks);
-
-        let lease_id = content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS).await?;
-        *lease = Some(lease_id.clone());
-        let prepared = d
-            .call(
-                format!("Snapshots.Prepare {cid} on {}", stemcell.chain_id),
-                d.snapshots().prepare(d.req_leased(
-                    PrepareSnapshotRequest {
-                        snapshotter: self.config.snapshotter.clone(),
-                        key: cid.to_owned(),
-                        parent: stemcell.chain_id.clone(),
-                        labels: labels::base(&self.config.labels),
-                    },
-                    &lease_id,
-                )),
-            )
-            .await?;
 
         let vm_cid = VmCid::new(cid).map_err(|e| ContainerdError::BadArgument(e.message))?;
         let settings =
@@ -270,8 +282,27 @@ impl ContainerdCpi {
         crate::fsutil::write_atomic(&paths.agent_env, &settings.to_json(), 0o600)?;
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);
-        write_into_snapshot(&prepared.mounts, &paths, &files)?;
+        write_into_snapshot(&mounts, &paths, &files)?;
+        start_task(d, cid, mounts, &paths).await
+    }
 
+    /// The VM's container record (its OCI spec names the network namespace at
+    /// `netns`, which need not be set up yet).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private step of create_vm, called once"
+    )]
+    async fn create_container(
+        &self,
+        d: &Daemon,
+        ctx: &CallContext,
+        req: &CreateVm,
+        cid: &str,
+        init: Init,
+        netns: std::path::PathBuf,
+        paths: &VmPaths,
+        lease_id: &str,
+    ) -> Result<()> {
         let bounding = host::bounding_set()?;
         let (capabilities, unknown) = host::capabilities_of(bounding);
         if !unknown.is_empty() {
@@ -283,7 +314,7 @@ impl ContainerdCpi {
             init,
             cgroup: CgroupMode::detect(),
             capabilities,
-            netns: network::cni::netns_path(&plan.netns),
+            netns,
             data_dir: paths.data.clone(),
             disks_dir: paths.disks.clone(),
             host_modules: host::host_modules_dir(),
@@ -311,11 +342,11 @@ impl ContainerdCpi {
                 CreateContainerRequest {
                     container: Some(container),
                 },
-                &lease_id,
+                lease_id,
             )),
         )
         .await?;
-        start_task(d, cid, prepared.mounts, &paths).await
+        Ok(())
     }
 }
 

@@ -236,46 +236,54 @@ impl ContainerdCpi {
         if let Err(e) = stop_task(d, cid, &init, grace).await {
             failures.push(e.to_string());
         }
-        if container.is_some() {
-            match d
-                .call(
-                    format!("Containers.Delete {cid}"),
-                    d.containers()
-                        .delete(d.req(DeleteContainerRequest { id: cid.to_owned() })),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => failures.push(e.to_string()),
+        // With the task gone, the container record and snapshot (containerd requests)
+        // and the network (CNI plugin processes) come down at once.
+        let records = async {
+            let mut failures = Vec::new();
+            if container.is_some() {
+                match d
+                    .call(
+                        format!("Containers.Delete {cid}"),
+                        d.containers()
+                            .delete(d.req(DeleteContainerRequest { id: cid.to_owned() })),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => failures.push(e.to_string()),
+                }
             }
-        }
-        let (snapshotter, key) = match &container {
-            Some(c) if !c.snapshot_key.is_empty() => {
-                (c.snapshotter.clone(), c.snapshot_key.clone())
+            let (snapshotter, key) = match &container {
+                Some(c) if !c.snapshot_key.is_empty() => {
+                    (c.snapshotter.clone(), c.snapshot_key.clone())
+                }
+                _ => (self.config.snapshotter.clone(), cid.to_owned()),
+            };
+            if plausible_vm_cid(&key) {
+                // The setup mount holds the snapshot's directories busy.
+                if let Err(e) = mount::unmount(&paths.rootfs) {
+                    failures.push(e.to_string());
+                }
+                match d
+                    .call(
+                        format!("Snapshots.Remove {key}"),
+                        d.snapshots()
+                            .remove(d.req(RemoveSnapshotRequest { snapshotter, key })),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => failures.push(e.to_string()),
+                }
             }
-            _ => (self.config.snapshotter.clone(), cid.to_owned()),
+            failures
         };
-        if plausible_vm_cid(&key) {
-            // The setup mount holds the snapshot's directories busy.
-            if let Err(e) = mount::unmount(&paths.rootfs) {
-                failures.push(e.to_string());
-            }
-            match d
-                .call(
-                    format!("Snapshots.Remove {key}"),
-                    d.snapshots()
-                        .remove(d.req(RemoveSnapshotRequest { snapshotter, key })),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => failures.push(e.to_string()),
-            }
-        }
-        failures
-            .extend(network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir).await);
+        let net = network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir);
+        let (records, net) = tokio::join!(records, net);
+        failures.extend(records);
+        failures.extend(net);
         failures.extend(network::release_addresses(&self.config.state_dir, cid));
         failures.extend(self.release_vm_disks(&paths));
         match mount::unmount_all_under(&paths.dir) {
@@ -290,6 +298,11 @@ impl ContainerdCpi {
 /// Removes the VM directory, but never while anything is mounted below it: that could
 /// be a persistent disk, whose data must survive.
 fn remove_vm_dir(dir: &Path) -> Vec<String> {
+    match mount::remove_tree_on_one_mount(dir) {
+        Ok(Some(())) => return Vec::new(),
+        Ok(None) => {} // no mount ids: check the mount table instead
+        Err(e) => return vec![e.to_string()],
+    }
     let still_mounted = match mount::read_mountinfo() {
         Ok(table) => mount::mounts_under(&table, dir),
         Err(e) => return vec![e.to_string()],
