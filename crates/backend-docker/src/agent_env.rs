@@ -8,8 +8,19 @@
 //! detach read the settings from there instead of through a second archive round
 //! trip (each costs tens of milliseconds: dockerd mounts the container's root
 //! filesystem for it).
+//!
+//! VMs created with the local mounter go one step further: the settings file itself
+//! is a host file in the VM's state directory, bind-mounted read-only at
+//! [`SETTINGS_PATH`] (`HostCopy::bound`), and the CPI writes it directly, with no
+//! archive request at all. It is rewritten in place (a bind mount of a single file
+//! pins its inode, so a rename would not reach the VM): the new JSON, padded with
+//! trailing spaces to the old length, in one write, then the file is truncated to
+//! the new length, so the file holds valid JSON before and after and only a read
+//! racing the write itself could see a mix; the agent reads the file at boot and
+//! when the director asks it to, after the CPI's call has returned.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use bollard::query_parameters::{DownloadFromContainerOptions, UploadToContainerOptions};
@@ -169,11 +180,73 @@ impl HostCopy {
         self.dir.join("settings.pending")
     }
 
+    /// The host file a VM created with the local mounter binds (read-only) at
+    /// [`SETTINGS_PATH`]: the VM's settings file itself. Only the CPI writes it.
+    pub fn bound(&self) -> PathBuf {
+        self.dir.join("agent-env.json")
+    }
+
+    /// Whether the VM binds [`HostCopy::bound`] (it exists only for such VMs).
+    fn is_bound(&self) -> bool {
+        self.bound().is_file()
+    }
+
+    /// Creates the empty bound file (mode 0600, owned by the CPI's user, root), before
+    /// the container that binds it; [`write_via`] fills it.
+    pub fn create_bound(&self) -> Result<()> {
+        let path = self.bound();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map(drop)
+            .map_err(|e| DockerError::io("creating the VM's settings file", &path, e))
+    }
+
+    /// Rewrites the bound file in place (see the module documentation).
+    fn write_bound(&self, settings: &AgentSettings) -> Result<()> {
+        let path = self.bound();
+        let io = |e: std::io::Error| DockerError::io("writing the VM's settings file", &path, e);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let json = settings.to_json();
+        let old = usize::try_from(file.metadata().map_err(io)?.len()).unwrap_or(usize::MAX);
+        let mut bytes = json.clone();
+        if bytes.len() < old {
+            bytes.resize(old, b' ');
+        }
+        file.write_all_at(&bytes, 0).map_err(io)?;
+        file.set_len(json.len() as u64).map_err(io)?;
+        file.sync_data().map_err(io)
+    }
+
+    /// The bound file's settings, as the VM sees them.
+    fn read_bound(&self) -> Result<AgentSettings> {
+        let path = self.bound();
+        let bytes = std::fs::read(&path)
+            .map_err(|e| DockerError::io("reading the VM's settings file", &path, e))?;
+        AgentSettings::from_json(&bytes).map_err(|e| {
+            DockerError::Conflict(format!(
+                "the VM's settings file {} is not valid agent settings JSON: {e}",
+                path.display()
+            ))
+        })
+    }
+
     /// The settings, when the copy is known to match the VM's file.
     fn load(&self) -> Option<AgentSettings> {
         if self.pending().exists() {
             return None;
         }
+        self.load_confirmed()
+    }
+
+    /// What the last write known to have finished put in the VM (ignoring a pending
+    /// mark).
+    fn load_confirmed(&self) -> Option<AgentSettings> {
         let bytes = std::fs::read(self.copy()).ok()?;
         AgentSettings::from_json(&bytes).ok()
     }
@@ -207,8 +280,25 @@ pub async fn read_via(
     copy: Option<&HostCopy>,
     container: &str,
 ) -> Result<AgentSettings> {
-    if let Some(settings) = copy.and_then(HostCopy::load) {
-        return Ok(settings);
+    if let Some(copy) = copy {
+        if let Some(settings) = copy.load() {
+            return Ok(settings);
+        }
+        if copy.is_bound() {
+            return match copy.read_bound() {
+                Ok(settings) => Ok(settings),
+                // A write killed halfway through can leave the VM's file torn: the
+                // last write known to have finished is the best there is, and the
+                // caller's write replaces the torn file.
+                Err(e) => match copy.load_confirmed() {
+                    Some(settings) => {
+                        tracing::warn!(vm_cid = %container, error = %e, "the VM's settings file is unreadable; using what the last finished write put there");
+                        Ok(settings)
+                    }
+                    None => Err(e),
+                },
+            };
+        }
     }
     read(client, container).await
 }
@@ -224,7 +314,11 @@ pub async fn write_via(
         return write(client, container, settings).await;
     };
     copy.mark_pending()?;
-    write(client, container, settings).await?;
+    if copy.is_bound() {
+        copy.write_bound(settings)?;
+    } else {
+        write(client, container, settings).await?;
+    }
     copy.store(settings)
 }
 
@@ -299,6 +393,42 @@ mod tests {
     fn garbage_is_reported_with_the_container() {
         let err = settings_from_archive(b"not a tar", "c-9").expect_err("garbage");
         assert!(err.to_string().contains("c-9"), "{err}");
+    }
+
+    #[test]
+    fn the_bound_file_is_rewritten_in_place_and_a_torn_one_falls_back_to_the_copy() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copy = HostCopy::new(dir.path());
+        assert!(!copy.is_bound());
+        copy.create_bound().expect("create");
+        let meta = std::fs::metadata(copy.bound()).expect("bound");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "it holds secrets");
+        let inode = meta.ino();
+
+        let mut long = settings();
+        long.attach_persistent(&DiskCid::new("disk-with-a-long-name-1").expect("disk"));
+        long.attach_persistent(&DiskCid::new("disk-with-a-long-name-2").expect("disk"));
+        copy.mark_pending().expect("pending");
+        copy.write_bound(&long).expect("write");
+        copy.store(&long).expect("store");
+        assert_eq!(std::fs::read(copy.bound()).expect("read"), long.to_json());
+        // Shorter content: the same inode (what the VM's bind mount shows), exactly
+        // the new JSON afterwards.
+        let short = settings();
+        copy.write_bound(&short).expect("write");
+        let meta = std::fs::metadata(copy.bound()).expect("bound");
+        assert_eq!(meta.ino(), inode, "rewritten in place, never replaced");
+        assert_eq!(std::fs::read(copy.bound()).expect("read"), short.to_json());
+        assert_eq!(copy.read_bound().expect("parse"), short);
+
+        // A write killed halfway (pending mark left, file torn): the last finished
+        // write is used.
+        copy.mark_pending().expect("pending");
+        std::fs::write(copy.bound(), b"{\"agent_id\": \"ag").expect("tear");
+        assert!(copy.load().is_none());
+        assert!(copy.read_bound().is_err());
+        assert_eq!(copy.load_confirmed(), Some(long));
     }
 
     #[test]

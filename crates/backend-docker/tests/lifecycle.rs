@@ -166,6 +166,29 @@ async fn full_lifecycle_with_live_attach() {
     assert!(
         exec(vm1.as_str(), "cat /var/vcap/data/sys/stand-in-init.log").contains("runsvdir-start")
     );
+    // With local attach the file is a host file bound read-only (no archive request
+    // writes it): the VM cannot change it, and the host file is what it reads.
+    let bound = h
+        .state_dir
+        .join("vms")
+        .join(vm1.as_str())
+        .join("agent-env.json");
+    assert_eq!(
+        exec(
+            vm1.as_str(),
+            "grep -c ' /var/vcap/bosh/warden-cpi-agent-env.json ro' /proc/self/mountinfo"
+        ),
+        "1"
+    );
+    assert!(exec(
+        vm1.as_str(),
+        "echo x > /var/vcap/bosh/warden-cpi-agent-env.json 2>&1 || echo refused"
+    )
+    .contains("refused"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&std::fs::read(&bound).expect("host file")).expect("json"),
+        s
+    );
 
     // A disk, attached live.
     let disk = cpi
@@ -340,12 +363,39 @@ async fn full_lifecycle_with_live_attach() {
         inspect(&holder, "{{index .Config.Labels \"bosh.deployment\"}}"),
         "dep"
     );
+    // New metadata replaces the holder; the VM's record names the one holder there
+    // is, which is how delete_vm finds it without a label query.
+    let md2 = json!({"deployment": "dep", "job": "router", "index": "1"});
+    cpi.set_vm_metadata(ctx, &vm2, md2.as_object().expect("md"))
+        .await
+        .expect("set_vm_metadata with new metadata");
+    let holder2 = format!("{vm2}.dep.router.1");
+    let holders_of = |vm: &str| {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=bosh-container-cpi.vm-cid={vm}"))
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(holders_of(vm2.as_str()), holder2);
+    let record = h
+        .state_dir
+        .join("vms")
+        .join(vm2.as_str())
+        .join("metadata-holders");
+    assert_eq!(
+        serde_json::from_slice::<Vec<String>>(&std::fs::read(&record).expect("record"))
+            .expect("json"),
+        vec![holder2.clone()]
+    );
     cpi.set_disk_metadata(ctx, &disk, md.as_object().expect("md"))
         .await
         .expect("set_disk_metadata");
 
     // delete_vm with the disk still attached: the disk and its data survive.
     cpi.delete_vm(ctx, &vm2).await.expect("delete_vm");
+    assert_eq!(holders_of(vm2.as_str()), "", "the holder goes with the VM");
     cpi.delete_vm(ctx, &vm2)
         .await
         .expect("delete_vm is idempotent");

@@ -29,8 +29,7 @@ pub(crate) async fn attach_for_new_vm(
     };
     match mounter {
         Mounter::Local => {
-            let table = local::read_mounts()?;
-            let elsewhere = mounts::vms_with_disk(&table, layout, disk);
+            let elsewhere = local::vms_with_disk(layout, disk)?;
             if !elsewhere.is_empty() {
                 tracing::warn!(disk_cid = %disk, vms = ?elsewhere, "disk is attached to another VM; not attaching it here");
                 return Ok(false);
@@ -105,8 +104,7 @@ pub async fn attach_disk(
     };
     let newly = match mounter {
         Mounter::Local => {
-            let table = local::read_mounts()?;
-            let vms = mounts::vms_with_disk(&table, &layout, disk.as_str());
+            let vms = local::vms_with_disk(&layout, disk.as_str())?;
             if vms.iter().any(|v| v == vm.as_str()) {
                 false
             } else if !vms.is_empty() {
@@ -177,13 +175,14 @@ pub async fn reestablish(
     ctx: &CallContext,
     vm: &VmInfo,
 ) -> Result<()> {
-    let settings = agent_env::read(client, &vm.name).await?;
+    let mounter = cpi.mounter(client);
+    let layout = cpi.layout(mounter)?;
+    let copy = super::settings_copy(mounter, &layout, &vm.name);
+    let settings = agent_env::read_via(client, copy.as_ref(), &vm.name).await?;
     let wanted = settings.persistent_disks();
     if wanted.is_empty() {
         return Ok(());
     }
-    let mounter = cpi.mounter(client);
-    let layout = cpi.layout(mounter)?;
     let table = mount_table(cpi, client, ctx, mounter, &layout, Some(vm)).await?;
     let attached = mounts::attached_disks(&table, &layout);
     let mine = attached.get(&vm.name).cloned().unwrap_or_default();
@@ -218,10 +217,7 @@ pub async fn detach_disk(
     let layout = cpi.layout(mounter)?;
     let was_attached = match mounter {
         Mounter::Local => {
-            let table = local::read_mounts()?;
-            let attached = mounts::attached_disks(&table, &layout)
-                .get(vm.as_str())
-                .is_some_and(|d| d.contains(disk.as_str()));
+            let attached = local::is_attached(&layout, vm.as_str(), disk.as_str())?;
             if attached {
                 local::detach(&layout, vm.as_str(), disk.as_str())?;
             }

@@ -44,6 +44,162 @@ fn containing_mount<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a Moun
         .max_by_key(|m| (m.mount_point.components().count(), m.id))
 }
 
+/// The mount id of `path` (not following a final symlink), or `None` when the
+/// kernel does not report mount ids (`STATX_MNT_ID`, Linux 5.8+) or `path` is gone.
+fn mount_id(path: &Path) -> Result<Option<u64>> {
+    use rustix::fs::{AtFlags, StatxFlags, CWD};
+    match rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+        StatxFlags::MNT_ID,
+    ) {
+        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => {
+            Ok(Some(st.stx_mnt_id))
+        }
+        Ok(_) => Ok(None),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(DockerError::io("statx", path, os_err(e))),
+    }
+}
+
+/// Whether `path` is a mount point, told by comparing its mount id with its parent's:
+/// two `statx` calls, the same cost with 1 or 1,000 mounts on the host (reading the
+/// mount table grows with it), and a bind mount within one filesystem counts.
+/// `Some(false)` when `path` does not exist; `None` when the kernel reports no mount
+/// ids: then the caller reads the mount table.
+fn is_mount_point(path: &Path) -> Result<Option<bool>> {
+    if !path.exists() {
+        return Ok(Some(false));
+    }
+    let Some(parent) = path.parent() else {
+        return Ok(Some(true)); // "/"
+    };
+    Ok(match (mount_id(path)?, mount_id(parent)?) {
+        (Some(a), Some(b)) => Some(a != b),
+        _ => None,
+    })
+}
+
+/// The VMs disk `disk` is mounted for: the VMs with a mount point at
+/// `<root>/vms/<vm>/disks/<disk>`, by mount ids (a `statx` pair per VM), else from
+/// the mount table.
+pub fn vms_with_disk(layout: &StateLayout, disk: &str) -> Result<Vec<String>> {
+    let vms = layout.vms_dir();
+    let entries = match std::fs::read_dir(&vms) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DockerError::io("listing", &vms, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let vm = entry.file_name().to_string_lossy().into_owned();
+        match is_mount_point(&layout.disk_mount(&vm, disk))? {
+            Some(true) => out.push(vm),
+            Some(false) => {}
+            None => return Ok(mounts::vms_with_disk(&read_mounts()?, layout, disk)),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether disk `disk` is mounted for VM `vm`.
+pub fn is_attached(layout: &StateLayout, vm: &str, disk: &str) -> Result<bool> {
+    match is_mount_point(&layout.disk_mount(vm, disk))? {
+        Some(m) => Ok(m),
+        None => Ok(mounts::attached_disks(&read_mounts()?, layout)
+            .get(vm)
+            .is_some_and(|d| d.contains(disk))),
+    }
+}
+
+/// The mount points below the VM's directory, deepest first: the entries of its
+/// disks directory that are mount points (attached disks), then the entries of the
+/// VM directory itself. `None` without mount ids.
+fn vm_mount_points(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let mut out = Vec::new();
+    for d in [dir.join("disks"), dir.to_path_buf()] {
+        let Some(own) = mount_id(&d)? else {
+            if d.exists() {
+                return Ok(None);
+            }
+            continue;
+        };
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(DockerError::io("listing", &d, e)),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match mount_id(&path)? {
+                Some(id) if id != own => out.push(path),
+                Some(_) => {}
+                None if path.exists() => return Ok(None),
+                None => {}
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Removes `dir` and everything below it without crossing into another mount: a
+/// directory below it on a different mount (a disk still bound, whose data must
+/// survive) stops the removal with an error naming it. `None` without mount ids.
+fn remove_tree_on_one_mount(dir: &Path) -> Result<Option<()>> {
+    fn gone_ok(r: std::io::Result<()>, path: &Path) -> Result<()> {
+        match r {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(DockerError::io("removing", path, e)),
+            _ => Ok(()),
+        }
+    }
+    fn walk(dir: &Path, own: u64) -> Result<Option<()>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some(())),
+            Err(e) => return Err(DockerError::io("listing", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| DockerError::io("listing", dir, e))?;
+            let path = entry.path();
+            let is_dir = entry
+                .file_type()
+                .map_err(|e| DockerError::io("inspecting", &path, e))?
+                .is_dir();
+            if !is_dir {
+                gone_ok(std::fs::remove_file(&path), &path)?;
+                continue;
+            }
+            match mount_id(&path)? {
+                Some(id) if id != own => {
+                    return Err(DockerError::Conflict(format!(
+                        "{} is still mounted after unmounting; not removing {}",
+                        path.display(),
+                        dir.display()
+                    )))
+                }
+                Some(_) => {}
+                None if path.exists() => return Ok(None),
+                None => continue,
+            }
+            if walk(&path, own)?.is_none() {
+                return Ok(None);
+            }
+            gone_ok(std::fs::remove_dir(&path), &path)?;
+        }
+        Ok(Some(()))
+    }
+    let Some(own) = mount_id(dir)? else {
+        return Ok(if dir.exists() { None } else { Some(()) });
+    };
+    if walk(dir, own)?.is_none() {
+        return Ok(None);
+    }
+    gone_ok(std::fs::remove_dir(dir), dir)?;
+    Ok(Some(()))
+}
+
 /// Makes the state directory exist and sit on a shared mount (binding it onto itself
 /// and marking it `rshared` when it does not), under an exclusive lock so concurrent
 /// CPI processes do it once. Returns the canonical path.
@@ -53,8 +209,11 @@ pub fn ensure_shared(root: &Path) -> Result<PathBuf> {
     let root = root
         .canonicalize()
         .map_err(|e| DockerError::io("resolving the state directory", root, e))?;
-    let table = read_mounts()?;
-    if containing_mount(&table, &root).is_some_and(|m| m.is_shared()) {
+    // Once the directory is a mount point of its own, which this function makes it,
+    // making it shared again is a no-op that needs no look at the mount table (which
+    // grows with every container on the host).
+    let shared = MountPropagationFlags::SHARED | MountPropagationFlags::REC;
+    if is_mount_point(&root)? == Some(true) && mount_change(&root, shared).is_ok() {
         return Ok(root);
     }
     let lock = File::open(&root).map_err(|e| DockerError::io("opening", &root, e))?;
@@ -63,16 +222,16 @@ pub fn ensure_shared(root: &Path) -> Result<PathBuf> {
     let table = read_mounts()?;
     let result = match mounts::mount_at(&table, &root) {
         Some(m) if m.is_shared() => Ok(()),
-        Some(_) => mount_change(
-            &root,
-            MountPropagationFlags::SHARED | MountPropagationFlags::REC,
-        ),
-        None => mount_bind(&root, &root).and_then(|()| {
-            mount_change(
-                &root,
-                MountPropagationFlags::SHARED | MountPropagationFlags::REC,
-            )
-        }),
+        Some(_) => mount_change(&root, shared),
+        // On a shared mount already (systemd hosts): a mount point of its own only
+        // spares later calls the table; without one it works the same.
+        None if containing_mount(&table, &root).is_some_and(|m| m.is_shared()) => {
+            if let Err(e) = mount_bind(&root, &root).and_then(|()| mount_change(&root, shared)) {
+                tracing::debug!(state_dir = %root.display(), error = %e, "could not bind the state directory onto itself; its shared parent mount serves");
+            }
+            Ok(())
+        }
+        None => mount_bind(&root, &root).and_then(|()| mount_change(&root, shared)),
     };
     let _ = flock(&lock, FlockOperation::Unlock);
     result.map_err(|e| {
@@ -116,16 +275,21 @@ pub fn attach(layout: &StateLayout, vm: &str, disk: &str, source: &Path) -> Resu
 }
 
 /// Unmounts `target` (lazily when it is busy on the host) and removes the mount point.
+/// A mount point can be stacked (the same disk bound twice): it is unmounted until
+/// the kernel says it is not a mount point any more (`EINVAL`), at most 8 times.
 fn unmount_and_remove(target: &Path) -> Result<()> {
-    match unmount(target, UnmountFlags::empty()) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::BUSY) => {
-            tracing::warn!(path = %target.display(), "mount busy on the host; detaching it lazily");
-            unmount(target, UnmountFlags::DETACH)
-                .map_err(|e| DockerError::io("unmounting (lazily)", target, os_err(e)))?;
+    for _ in 0..8 {
+        match unmount(target, UnmountFlags::NOFOLLOW) {
+            Ok(()) => continue,
+            Err(rustix::io::Errno::BUSY) => {
+                tracing::warn!(path = %target.display(), "mount busy on the host; detaching it lazily");
+                unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)
+                    .map_err(|e| DockerError::io("unmounting (lazily)", target, os_err(e)))?;
+            }
+            // Not mounted (any more), or gone.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => break,
+            Err(e) => return Err(DockerError::io("unmounting", target, os_err(e))),
         }
-        Err(rustix::io::Errno::INVAL) => {} // not mounted (any more)
-        Err(e) => return Err(DockerError::io("unmounting", target, os_err(e))),
     }
     match std::fs::remove_dir(target) {
         Ok(()) => Ok(()),
@@ -149,6 +313,14 @@ pub fn remove_vm(layout: &StateLayout, vm: &str) -> Result<()> {
     let dir = dir
         .canonicalize()
         .map_err(|e| DockerError::io("resolving", &dir, e))?;
+    if let Some(points) = vm_mount_points(&dir)? {
+        for p in points {
+            unmount_and_remove(&p)?;
+        }
+        if remove_tree_on_one_mount(&dir)?.is_some() {
+            return Ok(());
+        }
+    }
     for m in mounts::mounts_below(&read_mounts()?, &dir) {
         unmount_and_remove(&m.mount_point)?;
     }
@@ -196,4 +368,67 @@ pub fn shares_daemon_mount_namespace() -> bool {
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (CAP_SYS_ADMIN), as attach mode `local` itself does.
+    #[test]
+    fn attachments_are_found_by_mount_id_and_a_vm_is_removed_without_touching_its_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = ensure_shared(&dir.path().join("state")).expect("shared state directory");
+        assert_eq!(is_mount_point(&root).expect("statx"), Some(true));
+        let table = read_mounts().expect("mount table");
+        assert!(mounts::mount_at(&table, &root).is_some_and(|m| m.is_shared()));
+        // A second call takes the fast path and stacks nothing.
+        ensure_shared(&root).expect("again");
+        let stacked = read_mounts().expect("mount table");
+        assert_eq!(
+            stacked.iter().filter(|m| m.mount_point == root).count(),
+            1,
+            "one mount at the state directory"
+        );
+
+        let layout = StateLayout::new(&root);
+        let volume = dir.path().join("volume");
+        std::fs::create_dir(&volume).expect("mkdir");
+        std::fs::write(volume.join("marker"), b"keep").expect("write");
+        for vm in ["vm-a", "vm-b"] {
+            prepare_vm(&layout, vm).expect("prepare");
+        }
+        assert!(vms_with_disk(&layout, "disk-1").expect("scan").is_empty());
+        attach(&layout, "vm-b", "disk-1", &volume).expect("attach");
+        // Stacked, as a retried attach killed at the wrong moment could leave it.
+        mount_bind(&volume, layout.disk_mount("vm-b", "disk-1")).expect("bind again");
+        assert_eq!(
+            vms_with_disk(&layout, "disk-1").expect("scan"),
+            vec!["vm-b".to_owned()]
+        );
+        // The mount table agrees.
+        assert_eq!(
+            mounts::vms_with_disk(&read_mounts().expect("table"), &layout, "disk-1"),
+            vec!["vm-b".to_owned()]
+        );
+        assert!(is_attached(&layout, "vm-b", "disk-1").expect("check"));
+        assert!(!is_attached(&layout, "vm-a", "disk-1").expect("check"));
+
+        remove_vm(&layout, "vm-b").expect("remove the VM with its disk still bound");
+        assert!(!layout.vm_dir("vm-b").exists());
+        assert_eq!(std::fs::read(volume.join("marker")).expect("kept"), b"keep");
+        assert!(vms_with_disk(&layout, "disk-1").expect("scan").is_empty());
+
+        // A foreign mount below a VM directory stops the removal instead of deleting
+        // through it.
+        let foreign = layout.vm_dir("vm-a").join("other");
+        std::fs::create_dir(&foreign).expect("mkdir");
+        mount_bind(&volume, &foreign).expect("bind");
+        let err = remove_tree_on_one_mount(&layout.vm_dir("vm-a")).expect_err("refused");
+        assert!(err.to_string().contains("still mounted"), "{err}");
+        assert_eq!(std::fs::read(volume.join("marker")).expect("kept"), b"keep");
+        remove_vm(&layout, "vm-a").expect("remove_vm unmounts what is below it");
+        assert_eq!(std::fs::read(volume.join("marker")).expect("kept"), b"keep");
+        unmount(&root, UnmountFlags::DETACH).expect("unmount the state directory");
+    }
 }

@@ -73,12 +73,25 @@ impl Undo {
 /// `create_vm`.
 pub async fn create_vm(cpi: &DockerCpi, ctx: &CallContext, req: CreateVm) -> Result<CreatedVm> {
     let client = cpi.client().await?;
-    let facts = cpi.facts().await?.clone();
     let config = cpi.config();
     let vm_cid = format!("c-{}", uuid::Uuid::new_v4());
-    crate::vm::orphans::remove_earlier_attempts(cpi, client, ctx, req.agent_id.as_str(), &vm_cid)
-        .await?;
-    let image = stemcell::inspect(client, &req.stemcell).await?;
+    // Three independent lookups at once (each its own connection to the daemon):
+    // `join!`, not `try_join!`, so a failed lookup never cuts the removal of an
+    // earlier attempt short.
+    let (facts, earlier, image) = tokio::join!(
+        cpi.facts(),
+        crate::vm::orphans::remove_earlier_attempts(
+            cpi,
+            client,
+            ctx,
+            req.agent_id.as_str(),
+            &vm_cid
+        ),
+        stemcell::inspect(client, &req.stemcell),
+    );
+    let facts = facts?.clone();
+    earlier?;
+    let image = image?;
     let os = match &image.os {
         Some(os) => Some(os.clone()),
         None => match probe::probe_os(client, ctx, req.stemcell.as_str()).await {
@@ -224,6 +237,14 @@ async fn create_steps(
     }
 
     let copy = disk::settings_copy(mounter, layout, vm_cid);
+    if let Some(copy) = &copy {
+        // The VM's settings file: a host file the container binds (no archive
+        // request to write it, now or when disks come and go).
+        copy.create_bound()?;
+    }
+    if let Some(record) = crate::vm::metadata::HolderRecord::of(mounter, layout, vm_cid) {
+        record.write(&[])?;
+    }
     let mut privilege = probe::initial_privilege(cpi, client, ctx, helper_image).await?;
     let mut probed = false;
     let mut shared_fixed = false;
@@ -241,6 +262,7 @@ async fn create_steps(
             facts,
             plan,
             layout,
+            copy.as_ref(),
             &mut privilege,
             undo,
         )
@@ -378,9 +400,11 @@ async fn create_container(
     facts: &crate::client::DaemonFacts,
     plan: &NetworkPlan,
     layout: &StateLayout,
+    copy: Option<&agent_env::HostCopy>,
     privilege: &mut Privilege,
     undo: &mut Undo,
 ) -> Result<()> {
+    let settings_file = copy.map(agent_env::HostCopy::bound);
     let first = plan.endpoints.first();
     let default_gateway = if plan.endpoints.len() > 1 {
         first
@@ -411,6 +435,7 @@ async fn create_container(
             config: cpi.config(),
             layout,
             first_network: first.map(|ep| (ep.docker_network.clone(), ep.settings(vm_cid))),
+            settings_file: settings_file.as_deref(),
             prelude: prelude.clone(),
             // A bind of a missing source would create it on the host: skip it where
             // we can see that the host has no modules directory.

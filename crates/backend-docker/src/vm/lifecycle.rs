@@ -254,17 +254,24 @@ pub async fn delete_vm(cpi: &DockerCpi, ctx: &CallContext, vm: &VmCid) -> Result
             errors.push(e);
         }
     }
-    match list_by_label(client, labels::KIND_VM_METADATA, labels::VM_CID, vm).await {
+    let mounter = cpi.mounter(client);
+    let record = match mounter {
+        Mounter::Local => cpi
+            .layout(mounter)
+            .ok()
+            .and_then(|layout| crate::vm::metadata::HolderRecord::of(mounter, &layout, vm)),
+        Mounter::Helper => None,
+    };
+    match crate::vm::metadata::holders(client, record.as_ref(), vm).await {
         Ok(ids) => {
             for id in ids {
-                if let Err(e) = remove_container(client, &id, 0).await {
+                if let Err(e) = crate::vm::metadata::remove_holder(client, &id, vm).await {
                     errors.push(e);
                 }
             }
         }
         Err(e) => errors.push(e),
     }
-    let mounter = cpi.mounter(client);
     let dir_result = match mounter {
         Mounter::Local => cpi
             .layout(mounter)

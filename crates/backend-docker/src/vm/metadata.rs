@@ -8,15 +8,107 @@
 //! resources, and is removed with the VM.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::CreateContainerOptions;
 use cpi_core::{CallContext, Metadata, VmCid};
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::client::Client;
+use crate::disk::mounts::StateLayout;
+use crate::error::{DockerError, Result};
 use crate::vm::lifecycle::{list_by_label, remove_container, require};
-use crate::{labels, DockerCpi};
+use crate::{labels, DockerCpi, Mounter};
+
+/// The names of a VM's metadata holders, recorded in its state directory
+/// (`<state_dir>/vms/<vm>/metadata-holders`, a JSON array) with the local mounter,
+/// so that `set_vm_metadata` and `delete_vm` find the holders by name instead of a
+/// label query, which dockerd answers by walking every container it has.
+///
+/// `create_vm` creates it empty; a holder's name is added before the holder is
+/// created and removed after the holder is, so the record always names at least
+/// the holders that exist, also after a kill. A VM without the record (made by an
+/// earlier version, or with the helper) is served by the label query.
+#[derive(Debug, Clone)]
+pub struct HolderRecord {
+    path: PathBuf,
+}
+
+impl HolderRecord {
+    /// The record of VM `vm`, with the local mounter.
+    pub fn of(mounter: Mounter, layout: &StateLayout, vm: &str) -> Option<HolderRecord> {
+        (mounter == Mounter::Local).then(|| HolderRecord {
+            path: layout.vm_dir(vm).join("metadata-holders"),
+        })
+    }
+
+    /// The recorded names; `None` when the VM has no record.
+    pub fn read(&self) -> Result<Option<Vec<String>>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                DockerError::Conflict(format!(
+                    "{} is not a list of metadata holders: {e}",
+                    self.path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DockerError::io("reading", &self.path, e)),
+        }
+    }
+
+    /// Replaces the record (atomically).
+    pub fn write(&self, names: &[String]) -> Result<()> {
+        let io = |e: std::io::Error| DockerError::io("writing", &self.path, e);
+        let dir = self.path.parent().unwrap_or(std::path::Path::new("/"));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        let json = serde_json::to_vec(names)
+            .map_err(|e| DockerError::Invalid(format!("serialising holder names: {e}")))?;
+        tmp.write_all(&json).map_err(io)?;
+        tmp.persist(&self.path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+}
+
+/// Removes the metadata holder `name` of VM `vm`, after checking by an inspect
+/// that it is one (a recorded name is only a name); a missing one is success.
+pub async fn remove_holder(client: &Client, name: &str, vm: &str) -> Result<()> {
+    let found = match client.docker.inspect_container(name, None).await {
+        Ok(c) => c,
+        Err(e) => {
+            let err = DockerError::api(&client.endpoint, format!("inspecting container {name}"), e);
+            return if err.is_not_found() { Ok(()) } else { Err(err) };
+        }
+    };
+    let labels = found.config.and_then(|c| c.labels);
+    let holder = labels::is_ours(labels.as_ref(), labels::KIND_VM_METADATA)
+        && labels
+            .as_ref()
+            .and_then(|l| l.get(labels::VM_CID))
+            .is_some_and(|v| v == vm);
+    if !holder {
+        tracing::warn!(container = %name, vm_cid = %vm, "a recorded metadata holder name belongs to another container; leaving it");
+        return Ok(());
+    }
+    remove_container(client, name, 0).await
+}
+
+/// The ids or names of VM `vm`'s metadata holders: from its record when it has one,
+/// else by a label query.
+pub async fn holders(
+    client: &Client,
+    record: Option<&HolderRecord>,
+    vm: &str,
+) -> Result<Vec<String>> {
+    if let Some(names) = match record {
+        Some(r) => r.read()?,
+        None => None,
+    } {
+        return Ok(names);
+    }
+    list_by_label(client, labels::KIND_VM_METADATA, labels::VM_CID, vm).await
+}
 
 /// Labels `bosh.<key>=<value>` for string-like metadata values (pure).
 pub fn metadata_labels(metadata: &Metadata) -> HashMap<String, String> {
@@ -87,20 +179,26 @@ pub async fn set_vm_metadata(
 ) -> Result<()> {
     let client = cpi.client().await?;
     let info = require(client, vm.as_str()).await?;
-    for id in list_by_label(
-        client,
-        labels::KIND_VM_METADATA,
-        labels::VM_CID,
-        vm.as_str(),
-    )
-    .await?
-    {
-        remove_container(client, &id, 0).await?;
+    let mounter = cpi.mounter(client);
+    let record = match mounter {
+        Mounter::Local => HolderRecord::of(mounter, &cpi.layout(mounter)?, vm.as_str())
+            .filter(|r| r.path.parent().is_some_and(std::path::Path::is_dir)),
+        Mounter::Helper => None,
+    };
+    let name = holder_name(vm.as_str(), metadata);
+    let old = holders(client, record.as_ref(), vm.as_str()).await?;
+    if let Some(r) = &record {
+        let mut names = old.clone();
+        names.retain(|n| n != &name);
+        names.push(name.clone());
+        r.write(&names)?;
+    }
+    for id in &old {
+        remove_holder(client, id, vm.as_str()).await?;
     }
     let mut labels = labels::base(labels::KIND_VM_METADATA, ctx);
     labels.extend(metadata_labels(metadata));
     labels.insert(labels::VM_CID.to_owned(), vm.to_string());
-    let name = holder_name(vm.as_str(), metadata);
     client
         .docker
         .create_container(
@@ -123,6 +221,9 @@ pub async fn set_vm_metadata(
         )
         .await
         .map_err(client.err(format!("creating the metadata holder {name} of VM {vm}")))?;
+    if let Some(r) = &record {
+        r.write(std::slice::from_ref(&name))?;
+    }
     tracing::info!(vm_cid = %vm, holder = %name, "recorded VM metadata");
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
 };
+use cpi_core::agent_settings::SETTINGS_PATH;
 use cpi_core::cloud_properties::get_ci;
 use cpi_core::{CallContext, VmCloudProperties};
 use serde_json::Value;
@@ -85,6 +86,9 @@ pub struct SpecInput<'a> {
     pub layout: &'a StateLayout,
     /// The network the container is created on, with its endpoint settings.
     pub first_network: Option<(String, EndpointSettings)>,
+    /// The host file to bind read-only at the settings path (VMs created with the
+    /// local mounter, see `agent_env::HostCopy::bound`).
+    pub settings_file: Option<&'a std::path::Path>,
     /// The prelude script.
     pub prelude: String,
     /// Whether to bind the host's kernel modules.
@@ -154,7 +158,10 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec> {
             .nth(1)
             .unwrap_or_default()
             .trim_end_matches('/');
-        if target == EPHEMERAL_TARGET || target == DISKS_TARGET {
+        if target == EPHEMERAL_TARGET
+            || target == DISKS_TARGET
+            || (input.settings_file.is_some() && target == SETTINGS_PATH)
+        {
             return Err(DockerError::Invalid(format!(
                 "VM cloud_properties.Binds entry {b:?} would hide {target}, which the CPI mounts"
             )));
@@ -168,6 +175,9 @@ pub fn build(input: &SpecInput<'_>) -> Result<Spec> {
         "{}:{DISKS_TARGET}:rslave",
         input.layout.disks_dir(input.vm_cid).display()
     ));
+    if let Some(file) = input.settings_file {
+        binds.push(format!("{}:{SETTINGS_PATH}:ro", file.display()));
+    }
     if input.host_modules {
         binds.push("/lib/modules:/usr/lib/modules:ro".into());
     }
@@ -285,6 +295,7 @@ mod tests {
             config: &config,
             layout: &layout,
             first_network: Some(("net".into(), EndpointSettings::default())),
+            settings_file: Some(std::path::Path::new("/srv/state/vms/c-1/agent-env.json")),
             prelude: "exec /usr/sbin/runsvdir-start".into(),
             host_modules: true,
             ctx: &ctx,
@@ -330,6 +341,8 @@ mod tests {
             Some(vec![
                 "vol-eph-c-1:/var/vcap/data".to_owned(),
                 "/srv/state/vms/c-1/disks:/warden-cpi-dev:rslave".to_owned(),
+                "/srv/state/vms/c-1/agent-env.json:/var/vcap/bosh/warden-cpi-agent-env.json:ro"
+                    .to_owned(),
                 "/lib/modules:/usr/lib/modules:ro".to_owned(),
             ])
         );
@@ -431,27 +444,37 @@ mod tests {
 
     #[test]
     fn operator_binds_may_not_hide_ours() {
-        let p = props(json!({"Binds": ["/tmp:/var/vcap/data/"]}));
         let config = DockerConfig::default();
         let layout = StateLayout::new("/s");
         let ctx = CallContext::default();
-        let err = build(&SpecInput {
-            vm_cid: "c-1",
-            agent_id: "a",
-            stemcell: "s",
-            props: &p,
-            init: Init::Runit,
-            privilege: &Privilege::Privileged,
-            cgroup_version: 1,
-            config: &config,
-            layout: &layout,
-            first_network: None,
-            prelude: String::new(),
-            host_modules: false,
-            ctx: &ctx,
-        })
-        .expect_err("hidden");
-        assert!(err.to_string().contains("/var/vcap/data"), "{err}");
+        let bound = std::path::Path::new("/s/vms/c-1/agent-env.json");
+        for (bind, hidden) in [
+            ("/tmp:/var/vcap/data/", "/var/vcap/data"),
+            (
+                "/tmp/x.json:/var/vcap/bosh/warden-cpi-agent-env.json",
+                SETTINGS_PATH,
+            ),
+        ] {
+            let p = props(json!({ "Binds": [bind] }));
+            let err = build(&SpecInput {
+                vm_cid: "c-1",
+                agent_id: "a",
+                stemcell: "s",
+                props: &p,
+                init: Init::Runit,
+                privilege: &Privilege::Privileged,
+                cgroup_version: 1,
+                config: &config,
+                layout: &layout,
+                first_network: None,
+                settings_file: Some(bound),
+                prelude: String::new(),
+                host_modules: false,
+                ctx: &ctx,
+            })
+            .expect_err("hidden");
+            assert!(err.to_string().contains(hidden), "{err}");
+        }
     }
 
     #[test]
