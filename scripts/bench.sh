@@ -75,12 +75,18 @@ fake) ;;
 *) die "unknown backend '$backend' (docker, containerd, all or fake)" ;;
 esac
 
-log "bench: cargo build --profile $profile (cpi and cpi-bench)"
-cargo build --profile "$profile" -p cpi-bin --bin cpi -p cpi-tests --bin cpi-bench >&2
-
 target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p' || true)
 target_dir=${target_dir:-$ROOT/target}
-CPI_BIN="$target_dir/$profile_dir/cpi"
+if [ "$profile" = release ]; then
+    # The `cpi` that ships (static, non-PIE; scripts/lib.sh), beside cpi-bench.
+    CPI_BIN=$(build_release_cpi)
+    log "bench: cargo build --release -p cpi-tests --bin cpi-bench"
+    cargo build --release -p cpi-tests --bin cpi-bench >&2
+else
+    log "bench: cargo build --profile $profile (cpi and cpi-bench)"
+    cargo build --profile "$profile" -p cpi-bin --bin cpi -p cpi-tests --bin cpi-bench >&2
+    CPI_BIN="$target_dir/$profile_dir/cpi"
+fi
 export CPI_BIN
 [ -x "$CPI_BIN" ] || die "the build did not produce $CPI_BIN"
 

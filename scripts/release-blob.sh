@@ -28,24 +28,14 @@ esac
 blob_path="container-cpi/cpi-linux-${arch}"
 
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain with rustup"
-echo "release-blob.sh: cargo build --release -p cpi-bin" >&2
-cargo build --release --locked -p cpi-bin >&2
-target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
-  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p' || true)
-bin="${target_dir:-$ROOT/target}/release/cpi"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+# Static and non-PIE (see build_release_cpi): it needs no glibc of the stemcell's,
+# so it runs on every stemcell, and a call starts faster. libc6-dev provides libc.a.
+bin=$(build_release_cpi --locked) || die "the build failed"
 [ -x "$bin" ] || die "$bin was not built"
-
-# The binary links glibc dynamically. Stemcells from Ubuntu Jammy (glibc 2.35) on
-# must be able to load it, so refuse a build that needs a newer glibc.
-max_glibc_minor=35
-if command -v objdump >/dev/null; then
-  needed=$(objdump -T "$bin" | grep -o 'GLIBC_2\.[0-9]*' | sed 's/GLIBC_2\.//' | sort -n | tail -1)
-  if [ -n "$needed" ] && [ "$needed" -gt "$max_glibc_minor" ]; then
-    die "$bin needs glibc 2.$needed; stemcells from Ubuntu Jammy have 2.$max_glibc_minor: build on an older system (Debian 12 or Ubuntu Jammy)"
-  fi
-  echo "release-blob.sh: needs glibc 2.${needed:-?} (ok for Ubuntu Jammy and later)" >&2
-else
-  echo "release-blob.sh: objdump not found (binutils); glibc requirement not checked" >&2
+if command -v file >/dev/null && ! file "$bin" | grep -q 'statically linked'; then
+  die "$bin is not statically linked: $(file -b "$bin")"
 fi
 
 staged=$(mktemp)
