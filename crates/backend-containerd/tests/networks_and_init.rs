@@ -90,6 +90,11 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
         addrs.contains("eth2") && addrs.contains(&format!("{dynamic_ip}/24")),
         "{addrs}"
     );
+    // `lo` is up with 127.0.0.1 (brought up in-process when the namespace is made).
+    assert!(
+        addrs.contains(": lo") && addrs.contains("127.0.0.1/8"),
+        "{addrs}"
+    );
     let routes = run_ok("ip", &["netns", "exec", ns, "ip", "route"]);
     assert!(
         routes.contains("default via 10.231.22.1 dev eth2"),

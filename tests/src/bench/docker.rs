@@ -11,9 +11,11 @@
 //!   `DELETE /volumes/<eph>`, `rmdir` of the per-VM directories.
 //! - attach floor: `GET /containers/<vm>/json` (find the VM), `GET /volumes/<disk>`
 //!   (find the disk's directory), `mkdir` + bind mount of the volume's directory onto
-//!   the VM's shared disks directory (propagates into the running container), and an
-//!   archive `PUT` of a 1 KiB settings file into the running container. Detach: the
-//!   inspect, unmount + `rmdir`, and the `PUT`.
+//!   the VM's shared disks directory (propagates into the running container), and
+//!   the 1 KiB settings written the way the CPI writes them: in place into the host
+//!   file the VM binds at the settings path (VMs made with local attach), else an
+//!   archive `PUT` into the running container. Detach: the inspect, unmount +
+//!   `rmdir`, and the settings write.
 //! - `create_stemcell` floor: `POST /images/create?fromSrc=-` streaming the same
 //!   `image` file in 256 KiB reads (what `docker import` does, and the endpoint the
 //!   backend uses; bollard's `import_image` is `POST /images/load`, which takes a
@@ -61,6 +63,8 @@ struct Template {
     vm_dirs: Vec<String>,
     /// The host directory bound at `/warden-cpi-dev` (with [`NAME`]).
     disks_dir: String,
+    /// The host file bound at the settings path, if the CPI VM has one (with [`NAME`]).
+    settings_file: Option<String>,
 }
 
 /// A floor VM about to be created.
@@ -69,6 +73,7 @@ struct VmPlan {
     body: ContainerCreateBody,
     volumes: Vec<String>,
     dirs: Vec<PathBuf>,
+    settings_file: Option<PathBuf>,
     labels: HashMap<String, String>,
 }
 
@@ -171,6 +176,11 @@ impl DockerFloor {
 
     async fn put_settings(&self, vm: &str, disk: &str, attached: bool) -> FloorResult<()> {
         let bytes = settings_stand_in(disk, attached);
+        if let Some(file) = &self.template()?.settings_file {
+            // As the CPI does for such a VM: in place, into the host file it binds.
+            let path = PathBuf::from(file.replace(NAME, vm));
+            return host::write_in_place(&path, &bytes);
+        }
         let mut header = tar::Header::new_gnu();
         header.set_mode(0o600);
         header.set_size(bytes.len() as u64);
@@ -223,6 +233,10 @@ impl DockerFloor {
             .iter()
             .map(|d| PathBuf::from(d.replace(NAME, &name)))
             .collect();
+        let settings_file = t
+            .settings_file
+            .as_ref()
+            .map(|f| PathBuf::from(f.replace(NAME, &name)));
         let labels = self.labels();
         self.vms.insert(name.clone(), host);
         self.volumes.extend(volumes.iter().cloned());
@@ -232,6 +246,7 @@ impl DockerFloor {
             body,
             volumes,
             dirs,
+            settings_file,
             labels,
         })
     }
@@ -240,6 +255,9 @@ impl DockerFloor {
     async fn start_vm(&self, plan: &VmPlan) -> FloorResult<()> {
         for d in &plan.dirs {
             std::fs::create_dir_all(d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+        }
+        if let Some(f) = &plan.settings_file {
+            host::create_private_file(f)?;
         }
         for v in &plan.volumes {
             self.docker
@@ -399,6 +417,7 @@ impl Floor for DockerFloor {
         let mut volumes = Vec::new();
         let mut dirs = Vec::new();
         let mut disks_dir = None;
+        let mut settings_file = None;
         for m in c.mounts.unwrap_or_default() {
             let kind = m.typ.map(|t| t.to_string()).unwrap_or_default();
             let dest = m.destination.unwrap_or_default();
@@ -411,6 +430,11 @@ impl Floor for DockerFloor {
                 "bind" => {
                     if let Some(src) = m.source.filter(|s| s.contains(vm)) {
                         let src = src.replace(vm, NAME);
+                        if dest == format!("/{SETTINGS_IN_VM}") {
+                            // A file, not a directory: made by `start_vm`.
+                            settings_file = Some(src);
+                            continue;
+                        }
                         if dest == "/warden-cpi-dev" {
                             disks_dir = Some(src.clone());
                         }
@@ -434,6 +458,7 @@ impl Floor for DockerFloor {
             dirs,
             vm_dirs,
             disks_dir,
+            settings_file,
         });
         Ok(())
     }
@@ -638,8 +663,8 @@ impl Floor for DockerFloor {
             "has_vm" => "fork+exec of /bin/true + GET /containers/<vm>/json on a fresh connection",
             "create_vm" => "mkdir + POST /volumes/create + POST /containers/create (the CPI VM's Config and HostConfig) + start",
             "delete_vm" => "POST stop (t=10) + DELETE /containers/<id>?force=1 + DELETE /volumes/<eph> + rmdir",
-            "attach_disk" => "GET container + GET volume + mkdir + bind mount into the shared disks dir + PUT 1 KiB archive",
-            "detach_disk" => "GET container + umount + rmdir + PUT 1 KiB archive",
+            "attach_disk" => "GET container + GET volume + mkdir + bind mount into the shared disks dir + 1 KiB settings written in place into the VM's bound host file (archive PUT for a VM without one)",
+            "detach_disk" => "GET container + umount + rmdir + the 1 KiB settings write",
             _ if row.starts_with("create_stemcell") => "POST /images/create?fromSrc=- streaming the same image file",
             _ if row.starts_with("create_vm_x") => "the create_vm floor for every VM at once, all requests in flight together on one client; wall time of the batch",
             _ if row.starts_with("delete_vm_x") => "the delete_vm floor for every VM at once; wall time of the batch",

@@ -25,6 +25,37 @@ pub fn bind(source: &Path, target: &Path) -> FloorResult<()> {
     })
 }
 
+/// Creates an empty file with mode 0600 (and its parent directories).
+pub fn create_private_file(path: &Path) -> FloorResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| format!("creating {}: {e}", path.display()))
+}
+
+/// Rewrites `path` in place with `bytes` (same inode: a bind mount of the file shows
+/// it), as the Docker backend writes a VM's bound settings file: one write at offset
+/// 0, truncate, `fdatasync`.
+pub fn write_in_place(path: &Path, bytes: &[u8]) -> FloorResult<()> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    file.write_all_at(bytes, 0).map_err(io)?;
+    file.set_len(bytes.len() as u64).map_err(io)?;
+    file.sync_data().map_err(io)
+}
+
 /// Unmounts `target` (lazily when busy) and removes the directory.
 pub fn unbind(target: &Path) -> FloorResult<()> {
     match unmount(target, UnmountFlags::empty()) {

@@ -790,6 +790,26 @@ fn population_rows(
         "{n} VMs and {n} disks present (made in {:.1} s)",
         started.elapsed().as_secs_f64()
     ));
+    // Making them loads the machine (their processes start, the daemons settle):
+    // the rows compare against samples taken before, so let that pass first, up to
+    // a minute, until the 1-minute load average is below the number of CPUs.
+    let settle = std::time::Instant::now();
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from) as f64;
+    let load1 = || -> f64 {
+        super::machine::load_average()
+            .split(' ')
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0)
+    };
+    while load1() >= cpus && settle.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    super::note(&format!(
+        "waited {:.0} s for the machine to settle (load average now {})",
+        settle.elapsed().as_secs_f64(),
+        super::machine::load_average()
+    ));
 
     let baseline = |name: &str| -> Side {
         report

@@ -141,8 +141,8 @@ fn first_host(subnet: &IpNet) -> Option<IpAddr> {
     subnet.hosts().next()
 }
 
-/// Plans a VM's attachments: loopback, then one interface per non-vip network in
-/// name order (`eth0`, `eth1`, ...). Pure: nothing runs.
+/// Plans a VM's attachments: one interface per non-vip network in name order
+/// (`eth0`, `eth1`, ...). Pure: nothing runs.
 pub fn plan(
     vm_cid: &str,
     networks: &Networks,
@@ -150,16 +150,10 @@ pub fn plan(
     state_dir: &Path,
     fallback_dynamic: IpNet,
 ) -> Result<NetworkState> {
-    let mut attachments = vec![Attachment {
-        network: None,
-        ifname: "lo".into(),
-        conflist: json!({"cniVersion": cni::CNI_VERSION, "name": "bcpi-loopback",
-                         "plugins": [{"type": "loopback"}]}),
-        runtime_config: Map::new(),
-        attempted: false,
-        result: None,
-        bridge_rules: None,
-    }];
+    // `lo` is brought up when the namespace is made (`add_netns`), not by the CNI
+    // `loopback` plugin: records of VMs made before that still list a loopback
+    // attachment, and their DEL still runs it.
+    let mut attachments = Vec::new();
     let mappings = ports
         .iter()
         .map(|p| parse_port(p))
@@ -407,6 +401,7 @@ fn add_netns(name: &str) -> Result<()> {
             // workspace forbids unsafe code.
             #[allow(deprecated)]
             rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET)?;
+            loopback_up()?;
             rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)?;
             Ok(())
         })
@@ -417,6 +412,53 @@ fn add_netns(name: &str) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         ContainerdError::io("creating the network namespace", &path, e)
     })
+}
+
+/// Brings `lo` up in the calling thread's network namespace, which is what the CNI
+/// `loopback` plugin does, without its process: one `RTM_NEWLINK` request over
+/// netlink setting `IFF_UP` on interface index 1, which `lo` always has in a new
+/// namespace.
+fn loopback_up() -> std::io::Result<()> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+    };
+    use netlink_packet_route::link::{LinkFlags, LinkMessage};
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    const LOOPBACK_INDEX: u32 = 1;
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut link = LinkMessage::default();
+    link.header.index = LOOPBACK_INDEX;
+    link.header.flags = LinkFlags::Up;
+    link.header.change_mask = LinkFlags::Up;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = 1;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
+    );
+    request.finalize();
+    let mut bytes = vec![0; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    let mut reply: Vec<u8> = Vec::with_capacity(8192);
+    socket.recv(&mut reply, 0)?;
+    let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+        .map_err(|e| std::io::Error::other(format!("bringing lo up: a bad netlink reply: {e}")))?;
+    match answer.payload {
+        // An acknowledgement is an error message without an error code.
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(_) => Err(e.to_io()),
+        },
+        other => Err(std::io::Error::other(format!(
+            "bringing lo up: unexpected netlink reply {other:?}"
+        ))),
+    }
 }
 
 /// Whether `path` is a network namespace (a bind mount of one: `nsfs`).
@@ -714,9 +756,9 @@ mod tests {
         )
         .expect("plan");
         assert_eq!(state.netns, "vm-1");
-        assert_eq!(state.attachments.len(), 2);
-        assert_eq!(state.attachments[0].ifname, "lo");
-        let eth0 = &state.attachments[1];
+        // `lo` comes up with the namespace: no loopback plugin.
+        assert_eq!(state.attachments.len(), 1);
+        let eth0 = &state.attachments[0];
         assert_eq!(eth0.ifname, "eth0");
         assert_eq!(eth0.network.as_deref(), Some("default"));
         let bridge = &eth0.conflist["plugins"][0];
@@ -742,7 +784,6 @@ mod tests {
                 masquerade: true,
             })
         );
-        assert_eq!(state.attachments[0].bridge_rules, None);
         assert_eq!(eth0.conflist["cniVersion"], cni::CNI_VERSION);
     }
 
@@ -765,28 +806,28 @@ mod tests {
             .iter()
             .map(|a| a.ifname.as_str())
             .collect();
-        assert_eq!(names, vec!["lo", "eth0", "eth1"]);
+        assert_eq!(names, vec!["eth0", "eth1"]);
         let routes =
             |i: usize| state.attachments[i].conflist["plugins"][0]["ipam"]["routes"].clone();
-        assert_eq!(routes(1), json!([]));
-        assert_eq!(routes(2), json!([{"dst": "0.0.0.0/0", "gw": "10.2.0.1"}]));
+        assert_eq!(routes(0), json!([]));
+        assert_eq!(routes(1), json!([{"dst": "0.0.0.0/0", "gw": "10.2.0.1"}]));
         assert_ne!(
-            state.attachments[1].conflist["plugins"][0]["bridge"],
-            state.attachments[2].conflist["plugins"][0]["bridge"]
+            state.attachments[0].conflist["plugins"][0]["bridge"],
+            state.attachments[1].conflist["plugins"][0]["bridge"]
         );
         // Ports are published on the default gateway's interface only.
         assert_eq!(
-            state.attachments[1].conflist["plugins"]
+            state.attachments[0].conflist["plugins"]
                 .as_array()
                 .map(Vec::len),
             Some(1)
         );
         assert_eq!(
-            state.attachments[2].conflist["plugins"][1]["type"],
+            state.attachments[1].conflist["plugins"][1]["type"],
             "portmap"
         );
         assert_eq!(
-            state.attachments[2].runtime_config["portMappings"],
+            state.attachments[1].runtime_config["portMappings"],
             json!([{"hostPort": 6868, "containerPort": 6868, "protocol": "tcp"}])
         );
     }
@@ -803,7 +844,7 @@ mod tests {
             "10.252.0.0/16".parse().expect("net"),
         )
         .expect("plan");
-        let ipam = &state.attachments[1].conflist["plugins"][0]["ipam"];
+        let ipam = &state.attachments[0].conflist["plugins"][0]["ipam"];
         assert_eq!(ipam["type"], "host-local");
         assert_eq!(
             ipam["ranges"],
@@ -824,7 +865,7 @@ mod tests {
         )
         .expect("plan");
         assert_eq!(
-            fallback.attachments[1].conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            fallback.attachments[0].conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
             "10.252.0.0/16"
         );
         let bad = nets(json!({"d": {"type": "dynamic", "cloud_properties": {"subnet": "nope"}}}));
@@ -849,7 +890,7 @@ mod tests {
             "10.252.0.0/16".parse().expect("net"),
         )
         .expect("plan");
-        state.attachments[1].result =
+        state.attachments[0].result =
             Some(json!({"ips": [{"address": "10.252.0.9/16", "gateway": "10.252.0.1"}]}));
         record_assigned(&state, &mut n);
         let wire = n.to_wire();
@@ -871,29 +912,29 @@ mod tests {
         )
         .expect("plan");
         assert_eq!(
-            state.attachments[1].conflist["plugins"][0]["capabilities"],
+            state.attachments[0].conflist["plugins"][0]["capabilities"],
             json!({"ips": true})
         );
-        assert!(state.attachments[2].conflist["plugins"][0]
+        assert!(state.attachments[1].conflist["plugins"][0]
             .get("capabilities")
             .is_none());
         for a in &mut state.attachments {
             a.attempted = true;
         }
-        state.attachments[1].result = Some(json!({"ips": [{"address": "10.252.0.9/16"}]}));
-        state.attachments[2].result = Some(json!({"ips": [{"address": "10.1.0.5/24"}]}));
+        state.attachments[0].result = Some(json!({"ips": [{"address": "10.252.0.9/16"}]}));
+        state.attachments[1].result = Some(json!({"ips": [{"address": "10.1.0.5/24"}]}));
         prepare_readd(&mut state);
         assert_eq!(
-            state.attachments[1].runtime_config["ips"],
+            state.attachments[0].runtime_config["ips"],
             json!(["10.252.0.9/16"])
         );
-        assert!(state.attachments[2].runtime_config.get("ips").is_none());
+        assert!(state.attachments[1].runtime_config.get("ips").is_none());
         assert!(state
             .attachments
             .iter()
             .all(|a| !a.attempted && a.result.is_none()));
         // The bridge plugin receives it as runtimeConfig, which it hands to host-local.
-        let a = &state.attachments[1];
+        let a = &state.attachments[0];
         let conf = cni::plugin_config(
             &a.conflist,
             &cni::plugins(&a.conflist)[0],
@@ -988,6 +1029,14 @@ mod tests {
         let path = cni::netns_path(&name);
         add_netns(&name).expect("add_netns needs root (CAP_SYS_ADMIN), as the CPI does");
         assert!(is_netns(&path));
+        // Its `lo` is up (IFF_UP in the flags sysfs shows inside it).
+        let flags = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "cat", "/sys/class/net/lo/flags"])
+            .output()
+            .expect("ip netns exec");
+        let flags = String::from_utf8_lossy(&flags.stdout).trim().to_owned();
+        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).expect("lo's flags");
+        assert_eq!(flags & 1, 1, "lo is up: flags {flags:#x}");
         // Our own namespace is not that one.
         let ours = std::fs::metadata("/proc/self/ns/net").expect("own netns");
         let made = std::fs::metadata(&path).expect("made netns");

@@ -347,11 +347,23 @@ mod tests {
         }
     }
 
+    /// Needs root (CAP_SYS_ADMIN), as the CPI does.
     #[test]
     fn the_vm_dir_is_not_removed_while_mounted() {
-        // `/proc` is always a mount point below `/`.
-        let failures = remove_vm_dir(Path::new("/proc"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm = dir.path().join("vm-1");
+        let disk = dir.path().join("disk");
+        std::fs::create_dir_all(vm.join("disks").join("disk-1")).expect("mkdir");
+        std::fs::create_dir_all(&disk).expect("mkdir");
+        std::fs::write(disk.join("data"), b"kept").expect("write");
+        mount::bind(&disk, &vm.join("disks").join("disk-1")).expect("bind");
+        let failures = remove_vm_dir(&vm);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].contains("still mounted"), "{failures:?}");
+        assert_eq!(std::fs::read(disk.join("data")).expect("kept"), b"kept");
+        mount::unmount(&vm.join("disks").join("disk-1")).expect("unmount");
+        assert!(remove_vm_dir(&vm).is_empty());
+        assert!(!vm.exists());
+        assert_eq!(std::fs::read(disk.join("data")).expect("kept"), b"kept");
     }
 }
