@@ -839,6 +839,10 @@ fn population_rows(
     let mut detach = row("detach_disk");
     let mut create = row("create_vm");
     let mut delete = row("delete_vm");
+    // The raw floor's create and delete with the population present too: how much
+    // of a slower create or delete is the daemon's own (not part of the ratio).
+    let mut floor_create = Side::default();
+    let mut floor_delete = Side::default();
     let mut go = || -> Result<(), String> {
         for i in 0..=reps {
             let (h, found) = cpi.measured("has_vm", json!([vm0]))?;
@@ -859,6 +863,15 @@ fn population_rows(
             }
             let (x, _) = cpi.measured("delete_vm", json!([vm]))?;
             ledger.forget_vm(&vm);
+            if let Some(f) = floor.as_deref_mut() {
+                let (fvm, fc) = f.create_vm()?;
+                f.wait_init(&fvm)?;
+                let fd = f.delete_vm(&fvm)?;
+                if i > 0 {
+                    floor_create.samples_ms.push(ms(fc));
+                    floor_delete.samples_ms.push(ms(fd));
+                }
+            }
             if i == 0 {
                 continue; // warm-up
             }
@@ -871,6 +884,24 @@ fn population_rows(
         Ok(())
     };
     let error = go().err();
+    for (r, with, base) in [
+        (&mut create, &floor_create, "create_vm"),
+        (&mut delete, &floor_delete, "delete_vm"),
+    ] {
+        let without = report
+            .rows
+            .iter()
+            .find(|r| r.name == base)
+            .and_then(|r| r.floor.stats());
+        if let (Some(w), Some(b)) = (with.stats(), without) {
+            r.note = format!(
+                "raw floor with them {:.1} ms ({:.2}x its {:.1} ms without)",
+                w.median,
+                w.median / b.median,
+                b.median
+            );
+        }
+    }
     for r in [
         &mut has_vm,
         &mut attach,
