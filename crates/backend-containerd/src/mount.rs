@@ -23,126 +23,27 @@ pub fn read_mountinfo() -> Result<Vec<MountInfo>> {
         .map_err(|e| ContainerdError::io("reading", path, e))
 }
 
-/// The mount id of `path` (not following a final symlink), or `None` when the
-/// kernel does not report mount ids (`STATX_MNT_ID`, Linux 5.8+) or `path` is gone.
-fn mount_id(path: &Path) -> Result<Option<u64>> {
-    use rustix::fs::{AtFlags, StatxFlags, CWD};
-    match rustix::fs::statx(
-        CWD,
-        path,
-        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
-        StatxFlags::MNT_ID,
-    ) {
-        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => {
-            Ok(Some(st.stx_mnt_id))
-        }
-        Ok(_) => Ok(None),
-        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
-        Err(e) => Err(ContainerdError::io("statx", path, std::io::Error::from(e))),
-    }
-}
-
-/// Whether `path` is a mount point, told by comparing its mount id with its parent's
-/// (two `statx` calls, so it costs the same with 1 or 1,000 mounts on the host, unlike
-/// reading the mount table; a bind mount within one filesystem counts, which a device
-/// number comparison would miss). `Some(false)` when `path` does not exist; `None`
-/// when the kernel reports no mount ids: then the caller reads the mount table.
+/// Whether `path` is a mount point, by mount ids (see [`cpi_hostfs`]); `None` when
+/// the kernel reports no mount ids: then the caller reads the mount table.
 pub fn is_mount_point(path: &Path) -> Result<Option<bool>> {
-    if !path.exists() {
-        return Ok(Some(false));
-    }
-    let Some(parent) = path.parent() else {
-        return Ok(Some(true)); // "/"
-    };
-    Ok(match (mount_id(path)?, mount_id(parent)?) {
-        (Some(a), Some(b)) => Some(a != b),
-        _ => None,
-    })
+    cpi_hostfs::is_mount_point(path).map_err(|e| ContainerdError::io("statx", path, e))
 }
 
-/// The names of the entries of `dir` that are mount points, sorted (empty when `dir`
-/// does not exist). `None` when the kernel reports no mount ids.
+/// The names of the entries of `dir` that are mount points, sorted; `None` without
+/// mount ids.
 pub fn mount_points_in(dir: &Path) -> Result<Option<Vec<String>>> {
-    let Some(own) = mount_id(dir)? else {
-        return Ok(if dir.exists() { None } else { Some(Vec::new()) });
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
-        Err(e) => return Err(ContainerdError::io("listing", dir, e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match mount_id(&path)? {
-            Some(id) if id != own => out.push(entry.file_name().to_string_lossy().into_owned()),
-            Some(_) => {}
-            None if path.exists() => return Ok(None),
-            None => {} // removed meanwhile
-        }
-    }
-    out.sort();
-    Ok(Some(out))
+    cpi_hostfs::mount_points_in(dir).map_err(|e| ContainerdError::io("listing", dir, e))
 }
 
-/// Removes `dir` and everything below it without ever crossing into another mount:
-/// a directory below it on a different mount (a disk still bound there, whose data
-/// must survive) stops the removal with an error naming it. `None` when the kernel
-/// reports no mount ids (the caller then checks the mount table and removes).
+/// Removes `dir` and everything below it without ever crossing into another mount
+/// (a disk still bound there keeps its data); `None` without mount ids.
 pub fn remove_tree_on_one_mount(dir: &Path) -> Result<Option<()>> {
-    let Some(own) = mount_id(dir)? else {
-        return Ok(if dir.exists() { None } else { Some(()) });
-    };
-    fn walk(dir: &Path, own: u64) -> Result<Option<()>> {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(())),
-            Err(e) => return Err(ContainerdError::io("listing", dir, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| ContainerdError::io("listing", dir, e))?;
-            let path = entry.path();
-            let is_dir = entry
-                .file_type()
-                .map_err(|e| ContainerdError::io("inspecting", &path, e))?
-                .is_dir();
-            if is_dir {
-                match mount_id(&path)? {
-                    Some(id) if id != own => {
-                        return Err(ContainerdError::Refused(format!(
-                            "not removing {}: {} is still mounted",
-                            dir.display(),
-                            path.display()
-                        )))
-                    }
-                    Some(_) => {}
-                    None if path.exists() => return Ok(None),
-                    None => continue,
-                }
-                if walk(&path, own)?.is_none() {
-                    return Ok(None);
-                }
-                remove_ignoring_gone(std::fs::remove_dir(&path), &path)?;
-            } else {
-                remove_ignoring_gone(std::fs::remove_file(&path), &path)?;
-            }
+    cpi_hostfs::remove_tree_on_one_mount(dir).map_err(|e| match e {
+        cpi_hostfs::RemoveError::StillMounted { .. } => ContainerdError::Refused(e.to_string()),
+        cpi_hostfs::RemoveError::Io { what, path, source } => {
+            ContainerdError::io(what, &path, source)
         }
-        Ok(Some(()))
-    }
-    if walk(dir, own)?.is_none() {
-        return Ok(None);
-    }
-    remove_ignoring_gone(std::fs::remove_dir(dir), dir)?;
-    Ok(Some(()))
-}
-
-fn remove_ignoring_gone(r: std::io::Result<()>, path: &Path) -> Result<()> {
-    match r {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(ContainerdError::io("removing", path, e))
-        }
-        _ => Ok(()),
-    }
+    })
 }
 
 /// The topmost mount at exactly `path`, if `path` is a mount point.
@@ -480,30 +381,6 @@ mod tests {
         rustix::mount::mount("tmpfs", &target, "tmpfs", MountFlags::empty(), None)
             .expect("mounting a tmpfs needs root (CAP_SYS_ADMIN), as the CPI itself does");
         (dir, target)
-    }
-
-    #[test]
-    fn mount_points_are_told_by_mount_id_also_for_binds_within_one_filesystem() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let plain = dir.path().join("plain");
-        let bound = dir.path().join("bound");
-        std::fs::create_dir(&plain).expect("mkdir");
-        std::fs::create_dir(&bound).expect("mkdir");
-        bind(&bound, &bound).expect("bind on itself");
-        assert_eq!(is_mount_point(&bound).expect("statx"), Some(true));
-        assert_eq!(is_mount_point(&plain).expect("statx"), Some(false));
-        assert_eq!(
-            is_mount_point(&dir.path().join("missing")).expect("statx"),
-            Some(false)
-        );
-        assert_eq!(
-            mount_points_in(dir.path()).expect("list"),
-            Some(vec!["bound".to_owned()])
-        );
-        // The table agrees.
-        assert!(mount_at(&read_mountinfo().expect("mountinfo"), &bound).is_some());
-        unmount(&bound).expect("unmount");
-        assert_eq!(is_mount_point(&bound).expect("statx"), Some(false));
     }
 
     #[test]

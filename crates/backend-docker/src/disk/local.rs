@@ -44,41 +44,10 @@ fn containing_mount<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a Moun
         .max_by_key(|m| (m.mount_point.components().count(), m.id))
 }
 
-/// The mount id of `path` (not following a final symlink), or `None` when the
-/// kernel does not report mount ids (`STATX_MNT_ID`, Linux 5.8+) or `path` is gone.
-fn mount_id(path: &Path) -> Result<Option<u64>> {
-    use rustix::fs::{AtFlags, StatxFlags, CWD};
-    match rustix::fs::statx(
-        CWD,
-        path,
-        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
-        StatxFlags::MNT_ID,
-    ) {
-        Ok(st) if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) => {
-            Ok(Some(st.stx_mnt_id))
-        }
-        Ok(_) => Ok(None),
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
-        Err(e) => Err(DockerError::io("statx", path, os_err(e))),
-    }
-}
-
-/// Whether `path` is a mount point, told by comparing its mount id with its parent's:
-/// two `statx` calls, the same cost with 1 or 1,000 mounts on the host (reading the
-/// mount table grows with it), and a bind mount within one filesystem counts.
-/// `Some(false)` when `path` does not exist; `None` when the kernel reports no mount
-/// ids: then the caller reads the mount table.
+/// Whether `path` is a mount point, by mount ids (see [`cpi_hostfs`]); `None` when
+/// the kernel reports no mount ids: then the caller reads the mount table.
 fn is_mount_point(path: &Path) -> Result<Option<bool>> {
-    if !path.exists() {
-        return Ok(Some(false));
-    }
-    let Some(parent) = path.parent() else {
-        return Ok(Some(true)); // "/"
-    };
-    Ok(match (mount_id(path)?, mount_id(parent)?) {
-        (Some(a), Some(b)) => Some(a != b),
-        _ => None,
-    })
+    cpi_hostfs::is_mount_point(path).map_err(|e| DockerError::io("statx", path, e))
 }
 
 /// The VMs disk `disk` is mounted for: the VMs with a mount point at
@@ -120,84 +89,21 @@ pub fn is_attached(layout: &StateLayout, vm: &str, disk: &str) -> Result<bool> {
 fn vm_mount_points(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
     let mut out = Vec::new();
     for d in [dir.join("disks"), dir.to_path_buf()] {
-        let Some(own) = mount_id(&d)? else {
-            if d.exists() {
-                return Ok(None);
-            }
-            continue;
-        };
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(DockerError::io("listing", &d, e)),
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match mount_id(&path)? {
-                Some(id) if id != own => out.push(path),
-                Some(_) => {}
-                None if path.exists() => return Ok(None),
-                None => {}
-            }
+        match cpi_hostfs::mount_points_in(&d).map_err(|e| DockerError::io("listing", &d, e))? {
+            Some(names) => out.extend(names.iter().map(|n| d.join(n))),
+            None => return Ok(None),
         }
     }
     Ok(Some(out))
 }
 
-/// Removes `dir` and everything below it without crossing into another mount: a
-/// directory below it on a different mount (a disk still bound, whose data must
-/// survive) stops the removal with an error naming it. `None` without mount ids.
+/// Removes `dir` and everything below it without crossing into another mount (a
+/// disk still bound keeps its data); `None` without mount ids.
 fn remove_tree_on_one_mount(dir: &Path) -> Result<Option<()>> {
-    fn gone_ok(r: std::io::Result<()>, path: &Path) -> Result<()> {
-        match r {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(DockerError::io("removing", path, e)),
-            _ => Ok(()),
-        }
-    }
-    fn walk(dir: &Path, own: u64) -> Result<Option<()>> {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some(())),
-            Err(e) => return Err(DockerError::io("listing", dir, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| DockerError::io("listing", dir, e))?;
-            let path = entry.path();
-            let is_dir = entry
-                .file_type()
-                .map_err(|e| DockerError::io("inspecting", &path, e))?
-                .is_dir();
-            if !is_dir {
-                gone_ok(std::fs::remove_file(&path), &path)?;
-                continue;
-            }
-            match mount_id(&path)? {
-                Some(id) if id != own => {
-                    return Err(DockerError::Conflict(format!(
-                        "{} is still mounted after unmounting; not removing {}",
-                        path.display(),
-                        dir.display()
-                    )))
-                }
-                Some(_) => {}
-                None if path.exists() => return Ok(None),
-                None => continue,
-            }
-            if walk(&path, own)?.is_none() {
-                return Ok(None);
-            }
-            gone_ok(std::fs::remove_dir(&path), &path)?;
-        }
-        Ok(Some(()))
-    }
-    let Some(own) = mount_id(dir)? else {
-        return Ok(if dir.exists() { None } else { Some(()) });
-    };
-    if walk(dir, own)?.is_none() {
-        return Ok(None);
-    }
-    gone_ok(std::fs::remove_dir(dir), dir)?;
-    Ok(Some(()))
+    cpi_hostfs::remove_tree_on_one_mount(dir).map_err(|e| match e {
+        cpi_hostfs::RemoveError::StillMounted { .. } => DockerError::Conflict(e.to_string()),
+        cpi_hostfs::RemoveError::Io { what, path, source } => DockerError::io(what, &path, source),
+    })
 }
 
 /// Makes the state directory exist and sit on a shared mount (binding it onto itself
