@@ -342,23 +342,16 @@ impl ContainerdCpi {
     /// or from the table when the kernel reports no mount ids.
     fn attached_vm(&self, cid: &str) -> Result<Option<String>> {
         let vms = self.config.state_dir.join("vms");
-        let entries = match std::fs::read_dir(&vms) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(ContainerdError::io("listing", &vms, e)),
-        };
-        for entry in entries.flatten() {
-            let vm = entry.file_name().to_string_lossy().into_owned();
-            match mount::is_mount_point(&self.vm_paths(&vm).disk_mount(cid))? {
-                Some(true) => return Ok(Some(vm)),
-                Some(false) => {}
-                None => {
-                    let table = mount::read_mountinfo()?;
-                    return Ok(attached_vm(&table, &self.config.state_dir, cid));
-                }
+        let below = Path::new("disks").join(cid);
+        match cpi_hostfs::entries_with_mount_point_below(&vms, &below)
+            .map_err(|e| ContainerdError::io("listing", &vms, e))?
+        {
+            Some(found) => Ok(found.into_iter().next()),
+            None => {
+                let table = mount::read_mountinfo()?;
+                Ok(attached_vm(&table, &self.config.state_dir, cid))
             }
         }
-        Ok(None)
     }
 
     /// Whether disk `disk` is mounted at `target`, its mount point in VM `vm`.

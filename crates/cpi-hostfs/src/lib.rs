@@ -108,6 +108,29 @@ pub fn mount_points_in(dir: &Path) -> io::Result<Option<Vec<String>>> {
     Ok(Some(out))
 }
 
+/// The names of the entries `e` of `dir` for which `dir/e/below` is a mount point,
+/// sorted (none when `dir` does not exist); `None` without mount ids. Both backends
+/// keep a VM's disk mount at `<state_dir>/vms/<vm>/disks/<disk>`, so this answers
+/// "which VMs is this disk attached to" with a `statx` pair per VM, not the host's
+/// mount table.
+pub fn entries_with_mount_point_below(dir: &Path, below: &Path) -> io::Result<Option<Vec<String>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        match is_mount_point(&entry.path().join(below))? {
+            Some(true) => out.push(entry.file_name().to_string_lossy().into_owned()),
+            Some(false) => {}
+            None => return Ok(None),
+        }
+    }
+    out.sort();
+    Ok(Some(out))
+}
+
 /// Removes `dir` and everything below it, never crossing into another mount: a
 /// directory below it on a different mount stops the removal with
 /// [`RemoveError::StillMounted`] (entries visited before it are gone by then; what
@@ -198,6 +221,32 @@ mod tests {
         );
         unmount(&bound, UnmountFlags::empty()).expect("unmount");
         assert_eq!(is_mount_point(&bound).expect("statx"), Some(false));
+    }
+
+    /// Needs root (CAP_SYS_ADMIN), as the CPI does.
+    #[test]
+    fn which_vms_have_a_disk_mounted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vms = dir.path().join("vms");
+        for vm in ["vm-a", "vm-b", "vm-c"] {
+            std::fs::create_dir_all(vms.join(vm).join("disks").join("disk-1")).expect("mkdir");
+        }
+        let below = Path::new("disks/disk-1");
+        assert_eq!(
+            entries_with_mount_point_below(&vms, below).expect("scan"),
+            Some(vec![])
+        );
+        let target = vms.join("vm-b").join("disks").join("disk-1");
+        mount_bind(dir.path(), &target).expect("bind");
+        assert_eq!(
+            entries_with_mount_point_below(&vms, below).expect("scan"),
+            Some(vec!["vm-b".to_owned()])
+        );
+        assert_eq!(
+            entries_with_mount_point_below(&dir.path().join("missing"), below).expect("scan"),
+            Some(vec![])
+        );
+        unmount(&target, UnmountFlags::empty()).expect("unmount");
     }
 
     /// Needs root (CAP_SYS_ADMIN), as the CPI does.

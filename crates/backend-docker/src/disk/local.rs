@@ -55,22 +55,13 @@ fn is_mount_point(path: &Path) -> Result<Option<bool>> {
 /// the mount table.
 pub fn vms_with_disk(layout: &StateLayout, disk: &str) -> Result<Vec<String>> {
     let vms = layout.vms_dir();
-    let entries = match std::fs::read_dir(&vms) {
-        Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(DockerError::io("listing", &vms, e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let vm = entry.file_name().to_string_lossy().into_owned();
-        match is_mount_point(&layout.disk_mount(&vm, disk))? {
-            Some(true) => out.push(vm),
-            Some(false) => {}
-            None => return Ok(mounts::vms_with_disk(&read_mounts()?, layout, disk)),
-        }
+    let below = Path::new("disks").join(disk);
+    match cpi_hostfs::entries_with_mount_point_below(&vms, &below)
+        .map_err(|e| DockerError::io("listing", &vms, e))?
+    {
+        Some(found) => Ok(found),
+        None => Ok(mounts::vms_with_disk(&read_mounts()?, layout, disk)),
     }
-    out.sort();
-    Ok(out)
 }
 
 /// Whether disk `disk` is mounted for VM `vm`.
