@@ -255,13 +255,11 @@ pub async fn delete_vm(cpi: &DockerCpi, ctx: &CallContext, vm: &VmCid) -> Result
         }
     }
     let mounter = cpi.mounter(client);
-    let record = match mounter {
-        Mounter::Local => cpi
-            .layout(mounter)
-            .ok()
-            .and_then(|layout| crate::vm::metadata::HolderRecord::of(mounter, &layout, vm)),
-        Mounter::Helper => None,
-    };
+    let layout = cpi.layout(mounter);
+    let record = layout
+        .as_ref()
+        .ok()
+        .and_then(|layout| crate::vm::metadata::HolderRecord::of(mounter, layout, vm));
     match crate::vm::metadata::holders(client, record.as_ref(), vm).await {
         Ok(ids) => {
             for id in ids {
@@ -273,11 +271,9 @@ pub async fn delete_vm(cpi: &DockerCpi, ctx: &CallContext, vm: &VmCid) -> Result
         Err(e) => errors.push(e),
     }
     let dir_result = match mounter {
-        Mounter::Local => cpi
-            .layout(mounter)
-            .and_then(|layout| disk::local::remove_vm(&layout, vm)),
+        Mounter::Local => layout.and_then(|layout| disk::local::remove_vm(&layout, vm)),
         Mounter::Helper => match helper_image(cpi, client, info.as_ref()).await {
-            Ok(Some(image)) => match cpi.layout(mounter) {
+            Ok(Some(image)) => match layout {
                 Ok(layout) => disk::remote::remove_vm(client, ctx, &layout, &image, vm).await,
                 Err(e) => Err(e),
             },

@@ -180,11 +180,8 @@ pub async fn set_vm_metadata(
     let client = cpi.client().await?;
     let info = require(client, vm.as_str()).await?;
     let mounter = cpi.mounter(client);
-    let record = match mounter {
-        Mounter::Local => HolderRecord::of(mounter, &cpi.layout(mounter)?, vm.as_str())
-            .filter(|r| r.path.parent().is_some_and(std::path::Path::is_dir)),
-        Mounter::Helper => None,
-    };
+    let record = HolderRecord::of(mounter, &cpi.layout(mounter)?, vm.as_str())
+        .filter(|r| r.path.parent().is_some_and(std::path::Path::is_dir));
     let name = holder_name(vm.as_str(), metadata);
     let old = holders(client, record.as_ref(), vm.as_str()).await?;
     if let Some(r) = &record {
