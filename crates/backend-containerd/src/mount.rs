@@ -260,21 +260,10 @@ pub fn unmount_all_under(dir: &Path) -> Result<Vec<String>> {
     Ok(failures)
 }
 
-/// The mount points this CPI makes below a VM directory, deepest first: the entries
-/// of `dir/disks` (disks) and of `dir` (the VM's disks directory, a root filesystem
-/// mounted for a write) that are mount points. `None` without mount ids.
+/// The mount points this CPI makes below a VM directory, deepest first (see
+/// [`cpi_hostfs::mount_points_of_vm_dir`]); `None` without mount ids.
 fn known_mount_points(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let disks = dir.join("disks");
-    let (Some(inner), Some(outer)) = (mount_points_in(&disks)?, mount_points_in(dir)?) else {
-        return Ok(None);
-    };
-    Ok(Some(
-        inner
-            .iter()
-            .map(|n| disks.join(n))
-            .chain(outer.iter().map(|n| dir.join(n)))
-            .collect(),
-    ))
+    cpi_hostfs::mount_points_of_vm_dir(dir).map_err(|e| ContainerdError::io("listing", dir, e))
 }
 
 /// Bind-mounts `source` on `target` (not recursive).

@@ -83,16 +83,38 @@ pub fn is_mount_point(path: &Path) -> io::Result<Option<bool>> {
     })
 }
 
+/// `dir`'s entries; `None` when `dir` does not exist.
+fn read_dir_if_present(dir: &Path) -> io::Result<Option<std::fs::ReadDir>> {
+    match std::fs::read_dir(dir) {
+        Ok(e) => Ok(Some(e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The mount points the backends make below a VM's state directory, deepest first:
+/// the entries of `dir/disks` that are mount points (attached disks), then those of
+/// `dir` itself (its disks directory, a root filesystem mounted for a write). Both
+/// backends keep this layout. `None` without mount ids.
+pub fn mount_points_of_vm_dir(dir: &Path) -> io::Result<Option<Vec<PathBuf>>> {
+    let mut out = Vec::new();
+    for d in [dir.join("disks"), dir.to_path_buf()] {
+        match mount_points_in(&d)? {
+            Some(names) => out.extend(names.iter().map(|n| d.join(n))),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
+}
+
 /// The names of the entries of `dir` that are mount points, sorted (none when `dir`
 /// does not exist); `None` without mount ids.
 pub fn mount_points_in(dir: &Path) -> io::Result<Option<Vec<String>>> {
     let Some(own) = mount_id(dir)? else {
         return Ok(if dir.exists() { None } else { Some(Vec::new()) });
     };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
-        Err(e) => return Err(e),
+    let Some(entries) = read_dir_if_present(dir)? else {
+        return Ok(Some(Vec::new()));
     };
     let mut out = Vec::new();
     for entry in entries.flatten() {
@@ -114,10 +136,8 @@ pub fn mount_points_in(dir: &Path) -> io::Result<Option<Vec<String>>> {
 /// "which VMs is this disk attached to" with a `statx` pair per VM, not the host's
 /// mount table.
 pub fn entries_with_mount_point_below(dir: &Path, below: &Path) -> io::Result<Option<Vec<String>>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
-        Err(e) => return Err(e),
+    let Some(entries) = read_dir_if_present(dir)? else {
+        return Ok(Some(Vec::new()));
     };
     let mut out = Vec::new();
     for entry in entries.flatten() {
@@ -148,10 +168,8 @@ pub fn remove_tree_on_one_mount(dir: &Path) -> Result<Option<()>, RemoveError> {
 }
 
 fn walk(top: &Path, dir: &Path, own: u64) -> Result<Option<()>, RemoveError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(())),
-        Err(e) => return Err(io_err("listing", dir)(e)),
+    let Some(entries) = read_dir_if_present(dir).map_err(io_err("listing", dir))? else {
+        return Ok(Some(()));
     };
     for entry in entries {
         let entry = entry.map_err(io_err("listing", dir))?;
@@ -261,6 +279,10 @@ mod tests {
         std::fs::create_dir_all(&disk).expect("mkdir");
         std::fs::write(disk.join("marker"), b"keep").expect("write");
         mount_bind(&disk, vm.join("disks").join("disk-1")).expect("bind");
+        assert_eq!(
+            mount_points_of_vm_dir(&vm).expect("scan"),
+            Some(vec![vm.join("disks").join("disk-1")])
+        );
 
         let err = remove_tree_on_one_mount(&vm).expect_err("a disk is still mounted");
         assert!(

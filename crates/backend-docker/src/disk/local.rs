@@ -74,18 +74,10 @@ pub fn is_attached(layout: &StateLayout, vm: &str, disk: &str) -> Result<bool> {
     }
 }
 
-/// The mount points below the VM's directory, deepest first: the entries of its
-/// disks directory that are mount points (attached disks), then the entries of the
-/// VM directory itself. `None` without mount ids.
+/// The mount points below the VM's directory, deepest first (see
+/// [`cpi_hostfs::mount_points_of_vm_dir`]); `None` without mount ids.
 fn vm_mount_points(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let mut out = Vec::new();
-    for d in [dir.join("disks"), dir.to_path_buf()] {
-        match cpi_hostfs::mount_points_in(&d).map_err(|e| DockerError::io("listing", &d, e))? {
-            Some(names) => out.extend(names.iter().map(|n| d.join(n))),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(out))
+    cpi_hostfs::mount_points_of_vm_dir(dir).map_err(|e| DockerError::io("listing", dir, e))
 }
 
 /// Removes `dir` and everything below it without crossing into another mount (a
