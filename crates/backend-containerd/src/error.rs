@@ -86,6 +86,19 @@ pub enum ContainerdError {
         message: String,
     },
 
+    /// Making or removing a VM interface over netlink failed.
+    #[error("{action} network interface {ifname} of VM {vm}: {source}")]
+    Link {
+        /// `making` or `removing`.
+        action: &'static str,
+        /// The interface in the VM.
+        ifname: String,
+        /// The VM (its network namespace).
+        vm: String,
+        /// What the kernel answered, with the step that failed.
+        source: std::io::Error,
+    },
+
     /// The VM does not exist.
     #[error("VM '{0}' not found")]
     VmNotFound(String),

@@ -506,8 +506,8 @@ async fn error_paths_use_the_directors_error_kinds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_create_vm_removes_everything_it_made() {
-    // Plugins that do not exist: the network step fails after the namespace and the
-    // VM directory were made.
+    // Plugins that do not exist: a dynamic network's step fails after the namespace
+    // and the VM directory were made.
     let run = cpi_tests::names::run_id();
     let cfg = backend_containerd::ContainerdConfig {
         namespace: format!("cpitest-{run}-failing"),
@@ -515,10 +515,12 @@ async fn a_failed_create_vm_removes_everything_it_made() {
         cni_bin_dir: "/nonexistent/cni".into(),
         ..Default::default()
     };
-    let env = TestEnv::with_config("failing", cfg, &[]);
+    let env = TestEnv::with_config("failing", cfg, &["10.231.9.0/24", "10.231.10.0/24"]);
     let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
-    let networks = Networks::parse(&json!({"n": {"type": "manual", "ip": "10.231.9.10", "netmask": "24", "gateway": "10.231.9.1"}}))
-        .expect("networks");
+    let networks = Networks::parse(
+        &json!({"n": {"type": "dynamic", "cloud_properties": {"subnet": "10.231.10.0/24"}}}),
+    )
+    .expect("networks");
     let err = assert_kind(
         env.cpi
             .create_vm(&env.ctx, create_vm_req(&stemcell, "a", networks, json!({})))
@@ -530,6 +532,39 @@ async fn a_failed_create_vm_removes_everything_it_made() {
         "{}",
         err.message
     );
+    let cid = failed_vm(&env, &err);
+
+    // A manual IPv4 network needs no plugin: the CPI makes its interface. A route
+    // through a next hop outside the subnet is refused by the kernel after the veth
+    // pair exists; the cleanup removes it with the rest.
+    let networks = Networks::parse(&json!({"n": {"type": "manual", "ip": "10.231.9.10",
+        "netmask": "24", "gateway": "10.231.9.1",
+        "routes": [{"destination": "192.168.0.0", "netmask": "255.255.0.0", "gateway": "172.31.255.1"}]}}))
+    .expect("networks");
+    let err = assert_kind(
+        env.cpi
+            .create_vm(&env.ctx, create_vm_req(&stemcell, "b", networks, json!({})))
+            .await,
+        ErrorKind::VmCreationFailed,
+    );
+    assert!(
+        err.message
+            .contains("adding route 192.168.0.0/16 via 172.31.255.1 on eth0"),
+        "{}",
+        err.message
+    );
+    let native = failed_vm(&env, &err);
+    env.cpi
+        .delete_stemcell(&env.ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    // No interface is left on either bridge (`assert_clean` lists their ports).
+    env.assert_clean(&[cid, native]);
+}
+
+/// Checks what a failed `create_vm` left: no VM directory, no network namespace,
+/// and a clean cleanup; returns the VM cid its message names.
+fn failed_vm(env: &TestEnv, err: &cpi_core::CpiError) -> String {
     assert!(
         !err.message.contains("cleaning up"),
         "cleanup failed: {}",
@@ -547,9 +582,5 @@ async fn a_failed_create_vm_removes_everything_it_made() {
         .expect("the message names the VM");
     let netns = common::run("ip", &["netns", "list"]);
     assert!(!netns.contains(&cid), "{netns}");
-    env.cpi
-        .delete_stemcell(&env.ctx, &stemcell)
-        .await
-        .expect("delete_stemcell");
-    env.assert_clean(&[cid]);
+    cid
 }

@@ -178,6 +178,40 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
     assert!(init_log(&env, forced.as_str()).contains("started /usr/sbin/runsvdir-start"));
     // Same bridge for the same subnet; VMs reach each other.
     ping_from(forced.as_str(), "10.231.20.10");
+    // A manual IPv4 interface is made by the CPI over netlink: its host end on the
+    // subnet's bridge with hairpin mode on, a MAC derived from the address, the
+    // bridge with the fixed MAC the CPI gave it.
+    let host_ifs = env.native_host_ifnames(forced.as_str());
+    assert_eq!(host_ifs.len(), 1, "{host_ifs:?}");
+    let host_if = &host_ifs[0];
+    let bridge = common::bridge_name(MANUAL);
+    let ports = run_ok("ip", &["-o", "link", "show", "master", &bridge]);
+    assert!(ports.contains(&format!("{host_if}@")), "{ports}");
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/class/net/{host_if}/brport/hairpin_mode"))
+            .expect("hairpin_mode")
+            .trim(),
+        "1"
+    );
+    let eth0 = run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            forced.as_str(),
+            "ip",
+            "-o",
+            "link",
+            "show",
+            "eth0",
+        ],
+    );
+    assert!(eth0.contains("link/ether 0a:58:0a:e7:14:0b"), "{eth0}");
+    assert!(eth0.contains(",UP"), "{eth0}");
+    // The bridge keeps the MAC it was made with (`0a:59` and a hash of its name)
+    // rather than its lowest port's, which would change as VMs come and go.
+    let br = run_ok("ip", &["-o", "link", "show", &bridge]);
+    assert!(br.contains("link/ether 0a:59:"), "{br}");
 
     // Across bridges, through the host's FORWARD chain (whose policy dockerd sets
     // to DROP): a VM only on the second subnet answers one only on the first.
@@ -189,7 +223,8 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
             CreateVm {
                 agent_id: AgentId::new("agent-second").expect("id"),
                 stemcell: noble.clone(),
-                cloud_properties: VmCloudProperties::parse(&json!({})).expect("props"),
+                cloud_properties: VmCloudProperties::parse(&json!({"ports": ["17868:7868/tcp"]}))
+                    .expect("props"),
                 networks: Networks::parse(&json!({"b": {"type": "manual", "ip": "10.231.21.11",
                     "netmask": "255.255.255.0", "gateway": "10.231.21.1"}}))
                 .expect("networks"),
@@ -201,12 +236,34 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
         .expect("create_vm on the second subnet")
         .cid;
     ping_from(forced.as_str(), "10.231.21.11");
+    // A port published on a manual IPv4 network: `portmap` chained after the
+    // interface the CPI made, given its address.
+    let nat = run_ok("iptables", &["-t", "nat", "-S"]);
+    assert!(
+        nat.lines()
+            .any(|l| l.contains("--dport 17868") && l.contains("10.231.21.11:7868")),
+        "no port mapping 17868 -> 10.231.21.11:7868:\n{nat}"
+    );
+
+    let mut host_ends = env.native_host_ifnames(forced.as_str());
+    host_ends.extend(env.native_host_ifnames(second.as_str()));
+    assert_eq!(host_ends.len(), 2, "{host_ends:?}");
 
     cpi.delete_vm(ctx, &vm).await.expect("delete_vm");
     cpi.delete_vm(ctx, &forced).await.expect("delete_vm");
     cpi.delete_vm(ctx, &second).await.expect("delete_vm");
     let nat = run_ok("iptables", &["-t", "nat", "-S"]);
     assert!(!nat.contains(ns), "NAT rules left for {ns}:\n{nat}");
+    assert!(!nat.contains("17868"), "port mapping left:\n{nat}");
+    // The host ends went with the VMs.
+    for host_if in &host_ends {
+        assert!(
+            !std::path::Path::new("/sys/class/net")
+                .join(host_if)
+                .exists(),
+            "{host_if} is still on the host"
+        );
+    }
     cpi.delete_stemcell(ctx, &noble)
         .await
         .expect("delete_stemcell");

@@ -248,13 +248,14 @@ pub async fn exec_plugin(
         })
 }
 
-/// ADD of a whole list; returns the last plugin's result.
+/// ADD of a whole list, the first plugin getting `prev` as its `prevResult` (the
+/// result of an interface made without a plugin); returns the last result.
 pub async fn add_list(
     runtime: &Runtime,
     conflist: &Value,
     runtime_config: &Map<String, Value>,
+    mut prev: Option<Value>,
 ) -> Result<Value> {
-    let mut prev: Option<Value> = None;
     for plugin in plugins(conflist) {
         let conf = plugin_config(conflist, &plugin, prev.as_ref(), runtime_config);
         if let Some(result) = exec_plugin(runtime, Command::Add, &conf).await? {

@@ -1,13 +1,16 @@
-//! VM networking with CNI: one network namespace per VM (made in-process, as `ip
-//! netns add` would), one interface per BOSH network through Debian's
-//! `containernetworking-plugins`.
+//! VM networking: one network namespace per VM (made in-process, as `ip netns add`
+//! would), one interface per BOSH network on a bridge per BOSH subnet
+//! (`bcpi<hash>`, the host holding the gateway address).
 //!
-//! - Manual networks: the `bridge` plugin (one bridge per BOSH subnet, `bcpi<hash>`,
-//!   the host holding the gateway address) with `static` IPAM giving the
-//!   BOSH address, gateway and routes.
-//! - Dynamic networks: the same bridge with `host-local` IPAM allocating from the
-//!   network's `subnet` cloud property (or `containerd.dynamic_subnet`); the assigned
-//!   address is reported back to the director.
+//! - Manual IPv4 networks: the CPI makes the interface itself over netlink
+//!   ([`link`]), what the CNI `bridge` plugin with `static` IPAM would do, without
+//!   its two plugin processes.
+//! - Manual IPv6 networks: the CNI `bridge` plugin with `static` IPAM (Debian's
+//!   `containernetworking-plugins`), which also waits out duplicate address
+//!   detection.
+//! - Dynamic networks: the CNI `bridge` plugin with `host-local` IPAM allocating
+//!   from the network's `subnet` cloud property (or `containerd.dynamic_subnet`);
+//!   the assigned address is reported back to the director.
 //! - The host's FORWARD and outbound-NAT rules are per bridge, made once
 //!   ([`rules`]); the default gateway's list ends with `portmap` when the VM
 //!   publishes `ports`.
@@ -16,6 +19,7 @@
 //! replayed after a crash halfway ([`teardown`] is idempotent).
 
 pub mod cni;
+pub mod link;
 pub mod rules;
 
 use std::collections::BTreeMap;
@@ -37,7 +41,9 @@ pub struct Attachment {
     pub network: Option<String>,
     /// The interface in the VM (`lo`, `eth0`, ...).
     pub ifname: String,
-    /// The CNI network configuration list.
+    /// The CNI network configuration list: the whole chain, or for a [`link`]
+    /// interface the plugins chained after it (`portmap`), often none.
+    #[serde(default)]
     pub conflist: Value,
     /// Runtime configuration for plugins' capabilities (`portMappings`).
     #[serde(default)]
@@ -52,6 +58,10 @@ pub struct Attachment {
     /// written when per-VM plugins made them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge_rules: Option<rules::BridgeRules>,
+    /// The interface the CPI makes over netlink, before the `conflist` runs; `None`
+    /// when a CNI plugin makes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<link::NativeLink>,
 }
 
 /// Everything needed to undo a VM's networking, stored as `network.json` in its
@@ -166,7 +176,7 @@ pub fn plan(
             continue;
         }
         let is_default = default_gw.as_deref() == Some(net.name.as_str());
-        let (subnet, ipam, has_gateway) = match net.kind {
+        let (subnet, ipam, has_gateway, native) = match net.kind {
             NetworkType::Manual => {
                 let addr = net.address.ok_or_else(|| {
                     ContainerdError::BadArgument(format!("manual network '{}' has no ip", net.name))
@@ -183,10 +193,13 @@ pub fn plan(
                         routes.push(default_route(&addr, gw));
                     }
                 }
+                let ifname = format!("eth{index}");
+                let native = native_link(vm_cid, &ifname, &addr, net, is_default);
                 (
                     addr.trunc(),
                     json!({"type": "static", "addresses": [address], "routes": routes}),
                     net.gateway.is_some(),
+                    native,
                 )
             }
             NetworkType::Dynamic => {
@@ -212,6 +225,7 @@ pub fn plan(
                            "routes": routes,
                            "dataDir": host_local_dir(state_dir).display().to_string()}),
                     true,
+                    None,
                 )
             }
             NetworkType::Vip => continue,
@@ -226,7 +240,10 @@ pub fn plan(
             // (restoring a VM after a host reboot).
             bridge_plugin["capabilities"] = json!({"ips": true});
         }
-        let mut plugins = vec![bridge_plugin];
+        let mut plugins = Vec::new();
+        if native.is_none() {
+            plugins.push(bridge_plugin);
+        }
         let mut runtime_config = Map::new();
         if is_default && !mappings.is_empty() {
             plugins.push(json!({"type": "portmap", "snat": true,
@@ -257,12 +274,59 @@ pub fn plan(
                 subnet,
                 masquerade: has_gateway,
             }),
+            native,
         });
         index += 1;
     }
     Ok(NetworkState {
         netns: vm_cid.to_owned(),
         attachments,
+    })
+}
+
+/// The interface the CPI makes itself for a manual network, when it can: IPv4
+/// addresses, gateway and routes. `None` leaves it to the CNI `bridge` plugin.
+fn native_link(
+    vm_cid: &str,
+    ifname: &str,
+    addr: &IpNet,
+    net: &Network,
+    is_default: bool,
+) -> Option<link::NativeLink> {
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    };
+    let IpNet::V4(address) = *addr else {
+        return None;
+    };
+    let gateway = match net.gateway {
+        Some(gw) => Some(v4(gw)?),
+        None => None,
+    };
+    let mut routes = net
+        .routes
+        .iter()
+        .map(|r| match r.destination {
+            IpNet::V4(dst) => Some(link::NativeRoute {
+                dst: dst.trunc(),
+                gw: v4(r.gateway)?,
+            }),
+            IpNet::V6(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    if let (true, Some(gw)) = (is_default, gateway) {
+        routes.push(link::NativeRoute {
+            dst: ipnet::Ipv4Net::default(),
+            gw,
+        });
+    }
+    Some(link::NativeLink {
+        bridge: bridge_name(&addr.trunc()),
+        host_ifname: link::host_ifname(vm_cid, ifname),
+        address,
+        gateway,
+        routes,
     })
 }
 
@@ -401,7 +465,7 @@ fn add_netns(name: &str) -> Result<()> {
             // workspace forbids unsafe code.
             #[allow(deprecated)]
             rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET)?;
-            loopback_up()?;
+            link::loopback_up()?;
             rustix::mount::mount_bind("/proc/thread-self/ns/net", &path)?;
             Ok(())
         })
@@ -412,53 +476,6 @@ fn add_netns(name: &str) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         ContainerdError::io("creating the network namespace", &path, e)
     })
-}
-
-/// Brings `lo` up in the calling thread's network namespace, which is what the CNI
-/// `loopback` plugin does, without its process: one `RTM_NEWLINK` request over
-/// netlink setting `IFF_UP` on interface index 1, which `lo` always has in a new
-/// namespace.
-fn loopback_up() -> std::io::Result<()> {
-    use netlink_packet_core::{
-        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
-    };
-    use netlink_packet_route::link::{LinkFlags, LinkMessage};
-    use netlink_packet_route::RouteNetlinkMessage;
-    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-
-    const LOOPBACK_INDEX: u32 = 1;
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut link = LinkMessage::default();
-    link.header.index = LOOPBACK_INDEX;
-    link.header.flags = LinkFlags::Up;
-    link.header.change_mask = LinkFlags::Up;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    header.sequence_number = 1;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::SetLink(link)),
-    );
-    request.finalize();
-    let mut bytes = vec![0; request.buffer_len()];
-    request.serialize(&mut bytes);
-    socket.send(&bytes, 0)?;
-    let mut reply: Vec<u8> = Vec::with_capacity(8192);
-    socket.recv(&mut reply, 0)?;
-    let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
-        .map_err(|e| std::io::Error::other(format!("bringing lo up: a bad netlink reply: {e}")))?;
-    match answer.payload {
-        // An acknowledgement is an error message without an error code.
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(_) => Err(e.to_io()),
-        },
-        other => Err(std::io::Error::other(format!(
-            "bringing lo up: unexpected netlink reply {other:?}"
-        ))),
-    }
 }
 
 /// Whether `path` is a network namespace (a bind mount of one: `nsfs`).
@@ -550,7 +567,21 @@ pub async fn setup(
         write_state(state_path, state)?;
         let a = state.attachments[i].clone();
         let runtime = runtime_for(state, &a, bin_dir);
-        let result = cni::add_list(&runtime, &a.conflist, &a.runtime_config).await?;
+        let made = match &a.native {
+            Some(native) => {
+                link::add(&runtime.netns, &a.ifname, native).map_err(|source| {
+                    ContainerdError::Link {
+                        action: "making",
+                        ifname: a.ifname.clone(),
+                        vm: state.netns.clone(),
+                        source,
+                    }
+                })?;
+                Some(native.result(&a.ifname, &runtime.netns))
+            }
+            None => None,
+        };
+        let result = cni::add_list(&runtime, &a.conflist, &a.runtime_config, made).await?;
         tracing::debug!(ifname = %a.ifname, ips = ?cni::result_ips(&result), "CNI ADD done");
         state.attachments[i].result = Some(result);
         write_state(state_path, state)?;
@@ -567,6 +598,19 @@ pub async fn del_all(state: &NetworkState, bin_dir: &Path) -> Vec<String> {
         failures.extend(
             cni::del_list(&runtime, &a.conflist, a.result.as_ref(), &a.runtime_config).await,
         );
+        if let Some(native) = &a.native {
+            if let Err(source) = link::remove(native) {
+                failures.push(
+                    ContainerdError::Link {
+                        action: "removing",
+                        ifname: a.ifname.clone(),
+                        vm: state.netns.clone(),
+                        source,
+                    }
+                    .to_string(),
+                );
+            }
+        }
     }
     failures
 }
@@ -740,42 +784,57 @@ mod tests {
         Networks::parse(&v).expect("networks")
     }
 
+    /// The plan of VM `vm-1` with state dir `/state`.
+    fn planned(n: &Networks, ports: &[&str]) -> NetworkState {
+        let ports: Vec<String> = ports.iter().map(|p| (*p).to_owned()).collect();
+        plan(
+            "vm-1",
+            n,
+            &ports,
+            Path::new("/state"),
+            "10.252.0.0/16".parse().expect("net"),
+        )
+        .expect("plan")
+    }
+
     #[test]
-    fn manual_network_gets_a_bridge_with_static_ipam_and_default_route() {
+    fn manual_ipv4_network_is_made_in_process_with_its_routes() {
         let n = nets(
             json!({"default": {"type": "manual", "ip": "10.245.0.12", "netmask": "255.255.0.0",
             "gateway": "10.245.0.1", "dns": ["1.1.1.1"], "default": ["dns", "gateway"],
             "routes": [{"destination": "192.168.0.0", "netmask": "255.255.0.0", "gateway": "10.245.0.2"}]}}),
         );
-        let state = plan(
-            "vm-1",
-            &n,
-            &[],
-            Path::new("/s"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let state = planned(&n, &[]);
         assert_eq!(state.netns, "vm-1");
         // `lo` comes up with the namespace: no loopback plugin.
         assert_eq!(state.attachments.len(), 1);
         let eth0 = &state.attachments[0];
         assert_eq!(eth0.ifname, "eth0");
         assert_eq!(eth0.network.as_deref(), Some("default"));
-        let bridge = &eth0.conflist["plugins"][0];
         let br = bridge_name(&"10.245.0.0/16".parse().expect("net"));
-        assert_eq!(bridge["bridge"], json!(br));
         assert!(br.len() <= 15);
-        assert_eq!(bridge["isGateway"], true);
-        assert_eq!(bridge["ipMasq"], false);
         assert_eq!(
-            bridge["ipam"],
-            json!({"type": "static",
-                   "addresses": [{"address": "10.245.0.12/16", "gateway": "10.245.0.1"}],
-                   "routes": [{"dst": "192.168.0.0/16", "gw": "10.245.0.2"},
-                              {"dst": "0.0.0.0/0", "gw": "10.245.0.1"}]})
+            eth0.native,
+            Some(link::NativeLink {
+                bridge: br.clone(),
+                host_ifname: link::host_ifname("vm-1", "eth0"),
+                address: "10.245.0.12/16".parse().expect("net"),
+                gateway: Some("10.245.0.1".parse().expect("ip")),
+                routes: vec![
+                    link::NativeRoute {
+                        dst: "192.168.0.0/16".parse().expect("net"),
+                        gw: "10.245.0.2".parse().expect("ip"),
+                    },
+                    link::NativeRoute {
+                        dst: "0.0.0.0/0".parse().expect("net"),
+                        gw: "10.245.0.1".parse().expect("ip"),
+                    },
+                ],
+            })
         );
+        // No plugin runs: no port is published.
+        assert_eq!(eth0.conflist["plugins"], json!([]));
         // The host rules are the bridge's, not a per-VM plugin's.
-        assert_eq!(eth0.conflist["plugins"].as_array().map(Vec::len), Some(1));
         assert_eq!(
             eth0.bridge_rules,
             Some(rules::BridgeRules {
@@ -785,6 +844,35 @@ mod tests {
             })
         );
         assert_eq!(eth0.conflist["cniVersion"], cni::CNI_VERSION);
+        // The record reads back as written.
+        let back: NetworkState =
+            serde_json::from_slice(&serde_json::to_vec(&state).expect("json")).expect("parse");
+        assert_eq!(back, state);
+    }
+
+    #[test]
+    fn manual_ipv6_network_stays_with_the_bridge_plugin_and_static_ipam() {
+        let n = nets(
+            json!({"v6": {"type": "manual", "ip": "fd00:10::12", "netmask": "64",
+            "gateway": "fd00:10::1", "default": ["gateway"]}}),
+        );
+        let state = planned(&n, &[]);
+        let eth0 = &state.attachments[0];
+        assert_eq!(eth0.native, None);
+        let bridge = &eth0.conflist["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert_eq!(
+            bridge["bridge"],
+            json!(bridge_name(&"fd00:10::/64".parse().expect("net")))
+        );
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["ipMasq"], false);
+        assert_eq!(
+            bridge["ipam"],
+            json!({"type": "static",
+                   "addresses": [{"address": "fd00:10::12/64", "gateway": "fd00:10::1"}],
+                   "routes": [{"dst": "::/0", "gw": "fd00:10::1"}]})
+        );
     }
 
     #[test]
@@ -793,37 +881,35 @@ mod tests {
             "a": {"type": "manual", "ip": "10.1.0.5", "netmask": "24", "gateway": "10.1.0.1"},
             "b": {"type": "manual", "ip": "10.2.0.5", "netmask": "24", "gateway": "10.2.0.1", "default": ["gateway"]},
             "v": {"type": "vip", "ip": "192.0.2.10"}}));
-        let state = plan(
-            "vm-1",
-            &n,
-            &["6868/tcp".into()],
-            Path::new("/s"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let state = planned(&n, &["6868/tcp"]);
         let names: Vec<_> = state
             .attachments
             .iter()
             .map(|a| a.ifname.as_str())
             .collect();
         assert_eq!(names, vec!["eth0", "eth1"]);
-        let routes =
-            |i: usize| state.attachments[i].conflist["plugins"][0]["ipam"]["routes"].clone();
-        assert_eq!(routes(0), json!([]));
-        assert_eq!(routes(1), json!([{"dst": "0.0.0.0/0", "gw": "10.2.0.1"}]));
-        assert_ne!(
-            state.attachments[0].conflist["plugins"][0]["bridge"],
-            state.attachments[1].conflist["plugins"][0]["bridge"]
-        );
-        // Ports are published on the default gateway's interface only.
+        let native = |i: usize| state.attachments[i].native.clone().expect("native");
+        assert_eq!(native(0).routes, vec![]);
         assert_eq!(
-            state.attachments[0].conflist["plugins"]
+            native(1).routes,
+            vec![link::NativeRoute {
+                dst: "0.0.0.0/0".parse().expect("net"),
+                gw: "10.2.0.1".parse().expect("ip"),
+            }]
+        );
+        assert_ne!(native(0).bridge, native(1).bridge);
+        assert_ne!(native(0).host_ifname, native(1).host_ifname);
+        // Ports are published on the default gateway's interface only, by the
+        // `portmap` plugin chained after the interface.
+        assert_eq!(state.attachments[0].conflist["plugins"], json!([]));
+        assert_eq!(
+            state.attachments[1].conflist["plugins"]
                 .as_array()
                 .map(Vec::len),
             Some(1)
         );
         assert_eq!(
-            state.attachments[1].conflist["plugins"][1]["type"],
+            state.attachments[1].conflist["plugins"][0]["type"],
             "portmap"
         );
         assert_eq!(
@@ -833,17 +919,23 @@ mod tests {
     }
 
     #[test]
+    fn records_written_before_native_interfaces_still_read() {
+        // A VM made when the bridge plugin made every interface: no `native`.
+        let old = json!({"netns": "vm-1", "attachments": [{
+            "network": "default", "ifname": "eth0",
+            "conflist": {"cniVersion": "1.0.0", "name": "bcpi-x",
+                         "plugins": [{"type": "bridge", "bridge": "bcpix"}]},
+            "attempted": true, "result": {"ips": [{"address": "10.0.0.5/24"}]}}]});
+        let state: NetworkState = serde_json::from_value(old).expect("old record");
+        assert_eq!(state.attachments[0].native, None);
+        assert_eq!(cni::plugins(&state.attachments[0].conflist).len(), 1);
+    }
+
+    #[test]
     fn dynamic_network_uses_host_local_in_the_state_dir() {
         let n =
             nets(json!({"d": {"type": "dynamic", "cloud_properties": {"subnet": "10.77.0.0/24"}}}));
-        let state = plan(
-            "vm-1",
-            &n,
-            &[],
-            Path::new("/state"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let state = planned(&n, &[]);
         let ipam = &state.attachments[0].conflist["plugins"][0]["ipam"];
         assert_eq!(ipam["type"], "host-local");
         assert_eq!(
@@ -882,14 +974,7 @@ mod tests {
     #[test]
     fn assigned_dynamic_addresses_are_reported_back() {
         let mut n = nets(json!({"d": {"type": "dynamic"}}));
-        let mut state = plan(
-            "vm-1",
-            &n,
-            &[],
-            Path::new("/s"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let mut state = planned(&n, &[]);
         state.attachments[0].result =
             Some(json!({"ips": [{"address": "10.252.0.9/16", "gateway": "10.252.0.1"}]}));
         record_assigned(&state, &mut n);
@@ -903,14 +988,7 @@ mod tests {
     fn a_readd_asks_for_the_dynamic_address_it_had() {
         let n = nets(json!({"d": {"type": "dynamic"},
             "m": {"type": "manual", "ip": "10.1.0.5", "netmask": "24", "gateway": "10.1.0.1"}}));
-        let mut state = plan(
-            "vm-1",
-            &n,
-            &[],
-            Path::new("/s"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let mut state = planned(&n, &[]);
         assert_eq!(
             state.attachments[0].conflist["plugins"][0]["capabilities"],
             json!({"ips": true})
@@ -1007,14 +1085,7 @@ mod tests {
     #[test]
     fn state_round_trips_through_json() {
         let n = nets(json!({"d": {"type": "dynamic"}}));
-        let state = plan(
-            "vm-1",
-            &n,
-            &[],
-            Path::new("/s"),
-            "10.252.0.0/16".parse().expect("net"),
-        )
-        .expect("plan");
+        let state = planned(&n, &[]);
         let text = serde_json::to_string(&state).expect("json");
         assert_eq!(
             serde_json::from_str::<NetworkState>(&text).expect("parse"),

@@ -140,6 +140,13 @@ impl TestEnv {
                 out.push(format!("network namespace {cid}"));
             }
         }
+        // Interfaces left on the test's bridges (the host ends of VM interfaces).
+        for subnet in &self.subnets {
+            let bridge = bridge_name(subnet);
+            for port in run("ip", &["-o", "link", "show", "master", &bridge]).lines() {
+                out.push(format!("interface on bridge {bridge}: {port}"));
+            }
+        }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let state = self.state_dir.display().to_string();
         for line in mounts.lines().filter(|l| l.contains(&state)) {
@@ -171,6 +178,25 @@ impl TestEnv {
             out.push(format!("address reservation {}", entry.display()));
         }
         out
+    }
+
+    /// The host ends of the interfaces the CPI made over netlink for VM `cid`, as its
+    /// network record names them.
+    pub fn native_host_ifnames(&self, cid: &str) -> Vec<String> {
+        let path = self.state_dir.join("vms").join(cid).join("network.json");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("network record"))
+                .expect("network record json");
+        record["attachments"]
+            .as_array()
+            .expect("attachments")
+            .iter()
+            .filter_map(|a| {
+                a.pointer("/native/host_ifname")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
     }
 
     /// Asserts that nothing was left behind and no loop device or XFS mount appeared.
