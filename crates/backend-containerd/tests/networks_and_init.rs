@@ -255,7 +255,12 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
     let nat = run_ok("iptables", &["-t", "nat", "-S"]);
     assert!(!nat.contains(ns), "NAT rules left for {ns}:\n{nat}");
     assert!(!nat.contains("17868"), "port mapping left:\n{nat}");
-    // The host ends went with the VMs.
+    // The host ends went with the VMs (the kernel destroys them with the
+    // namespaces, just after).
+    for subnet in [MANUAL, SECOND] {
+        let left = common::bridge_ports_after_settling(&common::bridge_name(subnet));
+        assert!(left.is_empty(), "{left:?}");
+    }
     for host_if in &host_ends {
         assert!(
             !std::path::Path::new("/sys/class/net")

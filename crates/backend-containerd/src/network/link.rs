@@ -10,7 +10,8 @@
 //! the same link address, so no neighbour keeps a stale entry for it.
 //!
 //! Removing the host end removes the pair, so DEL is one request, and nothing is
-//! left when the namespace went first.
+//! left when the namespace went first. Destroying the namespace destroys the pair
+//! too, without the wait an explicit removal has (see `del_all`).
 
 use std::fs::File;
 use std::io;

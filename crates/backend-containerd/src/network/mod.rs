@@ -591,14 +591,23 @@ pub async fn setup(
 
 /// Runs DEL for every attachment whose ADD was started, in reverse; returns the
 /// failures. Works without the network namespace (IPAM and host rules are released).
-pub async fn del_all(state: &NetworkState, bin_dir: &Path) -> Vec<String> {
+///
+/// With `namespace_goes_next` (the caller removes the namespace right after) the
+/// interfaces the CPI made are left to the kernel, which destroys them with the
+/// namespace, off the caller's path: removing a veth pair explicitly waits for the
+/// kernel to quiesce the device (10–20 ms here), destroying the namespace does not.
+pub async fn del_all(
+    state: &NetworkState,
+    bin_dir: &Path,
+    namespace_goes_next: bool,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for a in state.attachments.iter().rev().filter(|a| a.attempted) {
         let runtime = runtime_for(state, a, bin_dir);
         failures.extend(
             cni::del_list(&runtime, &a.conflist, a.result.as_ref(), &a.runtime_config).await,
         );
-        if let Some(native) = &a.native {
+        if let Some(native) = a.native.as_ref().filter(|_| !namespace_goes_next) {
             if let Err(source) = link::remove(native) {
                 failures.push(
                     ContainerdError::Link {
@@ -746,7 +755,7 @@ pub async fn teardown(state_path: &Path, vm_cid: &str, bin_dir: &Path) -> Vec<St
     let netns = state.as_ref().map_or(vm_cid, |s| s.netns.as_str());
     let had_netns = cni::netns_path(netns).exists();
     if let Some(state) = &state {
-        failures.extend(del_all(state, bin_dir).await);
+        failures.extend(del_all(state, bin_dir, had_netns).await);
     }
     // The bridge plugin's DEL removes its NAT rules by the addresses it finds on the
     // interface in the namespace. Only without the namespace, the record, or a clean

@@ -95,7 +95,8 @@ impl ContainerdCpi {
             .collect();
         // Release what the old attachments still hold (host-local's allocations,
         // host rules), then add them again with the same addresses.
-        let failures = network::del_all(&state, &self.config.cni_bin_dir).await;
+        // The namespace is gone (that is why this runs): nothing waits on it.
+        let failures = network::del_all(&state, &self.config.cni_bin_dir, false).await;
         if !failures.is_empty() {
             return Err(ContainerdError::Refused(format!(
                 "releasing the old network attachments of VM {cid}: {}",

@@ -140,10 +140,12 @@ impl TestEnv {
                 out.push(format!("network namespace {cid}"));
             }
         }
-        // Interfaces left on the test's bridges (the host ends of VM interfaces).
+        // Interfaces left on the test's bridges (the host ends of VM interfaces). The
+        // kernel destroys a VM's with its network namespace, a few milliseconds
+        // after the namespace's last reference goes: allow it a moment.
         for subnet in &self.subnets {
             let bridge = bridge_name(subnet);
-            for port in run("ip", &["-o", "link", "show", "master", &bridge]).lines() {
+            for port in bridge_ports_after_settling(&bridge) {
                 out.push(format!("interface on bridge {bridge}: {port}"));
             }
         }
@@ -331,6 +333,26 @@ impl Drop for TestEnv {
 /// The bridge the backend makes for a subnet (`bcpi` + 10 hex digits of its hash).
 pub fn bridge_name(subnet: &str) -> String {
     cpi_tests::daemons::cpi_bridge_name(subnet)
+}
+
+/// The ports of `bridge` once none has gone for a moment (up to 5 s), as `ip -o
+/// link` lines: what stays is left behind, not on its way out.
+pub fn bridge_ports_after_settling(bridge: &str) -> Vec<String> {
+    let ports = || -> Vec<String> {
+        run("ip", &["-o", "link", "show", "master", bridge])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut now = ports();
+    for _ in 0..50 {
+        if now.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        now = ports();
+    }
+    now
 }
 
 /// Runs a host command, returning stdout (empty on failure).
