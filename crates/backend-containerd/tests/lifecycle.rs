@@ -66,9 +66,57 @@ async fn full_lifecycle_with_live_attach_and_reboot() {
     let cpi = &env.cpi;
     let ctx = &env.ctx;
 
-    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let image = common::build_stemcell_image(&env, "ubuntu-jammy");
+    let stemcell = common::import_stemcell_image(&env, &image).await;
     let images = env.ctr(&["images", "ls"]);
     assert!(images.contains(stemcell.as_str()), "{images}");
+    // The root filesystem's snapshot is named by the diff id containerd computed
+    // while applying the image (the CPI does not decompress it): the sha256 of the
+    // uncompressed tar. containerd records it on the blob, and a second import of
+    // the same image finds it there and reuses the snapshot.
+    let diff_id = {
+        use sha2::Digest as _;
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&image).expect("image")),
+            &mut tar,
+        )
+        .expect("gunzip the image");
+        format!("sha256:{:x}", sha2::Sha256::digest(&tar))
+    };
+    let chain_label = format!("io.bosh.cpi.chain-id={diff_id}");
+    let images = env.ctr(&["images", "ls"]);
+    assert!(images.contains(&chain_label), "{images}");
+    let content = env.ctr(&["content", "ls"]);
+    assert!(
+        content.contains(&format!("containerd.io/uncompressed={diff_id}")),
+        "{content}"
+    );
+    // (Another director's, or the retry of the first would adopt the first.)
+    let other = cpi_core::CallContext {
+        director_uuid: Some("director-other".into()),
+        ..ctx.clone()
+    };
+    let again = cpi
+        .create_stemcell(
+            &other,
+            cpi_core::CreateStemcell {
+                image_path: image.clone(),
+                cloud_properties: Default::default(),
+            },
+        )
+        .await
+        .expect("create_stemcell again");
+    assert_ne!(again, stemcell);
+    let images = env.ctr(&["images", "ls"]);
+    assert_eq!(
+        images.matches(&chain_label).count(),
+        2,
+        "both stemcells on one snapshot: {images}"
+    );
+    cpi.delete_stemcell(&other, &again)
+        .await
+        .expect("delete_stemcell");
 
     // create_vm: running, with its files in place before init started.
     let created = cpi

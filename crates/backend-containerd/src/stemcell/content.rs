@@ -1,13 +1,14 @@
 //! containerd's content store, leases and unpacking, as the stemcell import uses them.
 //!
-//! A stemcell's `image` is streamed into the content store while two digests are
-//! computed on the way: the blob's (sha256 of the bytes as stored) and the diff id
-//! (sha256 of the uncompressed tar, through a gzip decoder). Everything is written
-//! under a lease, so an import that dies halfway leaves nothing the garbage
-//! collector will not remove.
+//! A stemcell's `image` is streamed into the content store while the blob's digest
+//! (sha256 of the bytes as stored) is computed on the way. Its diff id (sha256 of
+//! the uncompressed tar) is what containerd answers when it applies the layer: the
+//! CPI does not decompress the image itself, which would double the work on the
+//! host's CPUs. Everything is written under a lease, so an import that dies halfway
+//! leaves nothing the garbage collector will not remove.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::snapshots::{
@@ -202,43 +203,26 @@ async fn abort(d: &Daemon, reference: &str) {
         .await;
 }
 
-/// The digests of a file as read.
+/// The digest of a file as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDigests {
     /// `sha256:` of the bytes.
     pub digest: String,
-    /// `sha256:` of the uncompressed bytes (the same when not compressed).
-    pub diff_id: String,
     /// Bytes read.
     pub size: u64,
     /// Whether it was gzip-compressed.
     pub gzip: bool,
 }
 
-/// A `Write` that feeds a hasher.
-struct HashWriter(Sha256);
-
-impl Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Reads `reader` to the end in chunks, handing each to `sink`, and computes both
-/// digests on the way. Gzip is recognised by its magic bytes.
+/// Reads `reader` to the end in chunks, handing each to `sink`, and computes the
+/// digest on the way. Gzip is recognised by its magic bytes.
 pub fn hash_stream(
     mut reader: impl Read,
     mut sink: impl FnMut(Vec<u8>) -> std::io::Result<()>,
 ) -> std::io::Result<FileDigests> {
-    let mut compressed = Sha256::new();
-    let mut decoder: Option<flate2::write::MultiGzDecoder<HashWriter>> = None;
+    let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut first = true;
-    let mut gzip = false;
+    let mut gzip = None;
     loop {
         let mut buf = vec![0u8; CHUNK];
         let mut filled = 0;
@@ -254,32 +238,15 @@ pub fn hash_stream(
             break;
         }
         buf.truncate(filled);
-        if first {
-            gzip = buf.starts_with(&[0x1f, 0x8b]);
-            if gzip {
-                decoder = Some(flate2::write::MultiGzDecoder::new(
-                    HashWriter(Sha256::new()),
-                ));
-            }
-            first = false;
-        }
-        compressed.update(&buf);
-        if let Some(dec) = decoder.as_mut() {
-            dec.write_all(&buf)?;
-        }
+        gzip.get_or_insert_with(|| buf.starts_with(&[0x1f, 0x8b]));
+        hasher.update(&buf);
         size += filled as u64;
         sink(buf)?;
     }
-    let digest = format!("sha256:{:x}", compressed.clone().finalize());
-    let diff_id = match decoder {
-        Some(dec) => format!("sha256:{:x}", dec.finish()?.0.finalize()),
-        None => digest.clone(),
-    };
     Ok(FileDigests {
-        digest,
-        diff_id,
+        digest: format!("sha256:{:x}", hasher.finalize()),
         size,
-        gzip,
+        gzip: gzip.unwrap_or(false),
     })
 }
 
@@ -386,9 +353,18 @@ pub async fn write_streamed<T>(
     }
 }
 
-/// Streams the file at `path` into the content store as a layer blob and returns
-/// the layer (blob descriptor and diff id).
-pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<Layer> {
+/// A layer blob in the content store, and its diff id when that is known without
+/// unpacking it (an uncompressed tar is its own diff id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLayer {
+    /// The blob's descriptor.
+    pub blob: Blob,
+    /// Its diff id, when known.
+    pub diff_id: Option<String>,
+}
+
+/// Streams the file at `path` into the content store as a layer blob.
+pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<StoredLayer> {
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let file_path: PathBuf = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || {
@@ -405,22 +381,83 @@ pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<La
         let digests = reader
             .await
             .map_err(|e| ContainerdError::Refused(format!("reading the stemcell image: {e}")))??;
+        // A compressed blob gets its diff id label once containerd has applied it.
+        let blob_labels = if digests.gzip {
+            HashMap::new()
+        } else {
+            HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), digests.digest.clone())])
+        };
         let commit = Commit {
             digest: digests.digest.clone(),
             size: digests.size as i64,
-            labels: HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), digests.diff_id.clone())]),
+            labels: blob_labels,
         };
         Ok((commit, digests))
     };
     let (commit, digests) =
         write_streamed(d, lease, path.display().to_string(), chunk_rx, finish).await?;
-    Ok(Layer {
+    Ok(StoredLayer {
+        diff_id: (!digests.gzip).then(|| commit.digest.clone()),
         blob: Blob {
             media_type: if digests.gzip { LAYER_GZIP } else { LAYER_TAR }.into(),
             digest: commit.digest,
             size: commit.size,
         },
-        diff_id: digests.diff_id,
+    })
+}
+
+/// The diff id an earlier unpack recorded on blob `digest` (its
+/// `containerd.io/uncompressed` label), if any.
+async fn recorded_diff_id(d: &Daemon, digest: &str) -> Result<Option<String>> {
+    let info = d
+        .call(
+            format!("Content.Info {digest}"),
+            d.content().info(d.req(InfoRequest {
+                digest: digest.to_owned(),
+            })),
+        )
+        .await?;
+    Ok(info
+        .info
+        .and_then(|i| i.labels.get(labels::GC_UNCOMPRESSED).cloned())
+        .filter(|v| v.starts_with("sha256:")))
+}
+
+/// Unpacks one stored base layer into a committed snapshot named by its chain id
+/// (its diff id) and returns the layer with its diff id. With the diff id known
+/// (uncompressed, or recorded by an earlier import of the same blob) this is
+/// [`unpack`], which skips a snapshot that exists; otherwise the layer is applied
+/// and containerd's answer names the snapshot, and is recorded on the blob.
+pub async fn unpack_stored(
+    d: &Daemon,
+    lease: &str,
+    snapshotter: &str,
+    stored: &StoredLayer,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Result<Layer> {
+    let known = match &stored.diff_id {
+        Some(id) => Some(id.clone()),
+        None => recorded_diff_id(d, &stored.blob.digest).await?,
+    };
+    if let Some(diff_id) = known {
+        let layer = Layer {
+            blob: stored.blob.clone(),
+            diff_id,
+        };
+        unpack(d, lease, snapshotter, std::slice::from_ref(&layer), extra).await?;
+        return Ok(layer);
+    }
+    let (diff_id, _) =
+        apply_and_commit(d, lease, snapshotter, &stored.blob, "", None, extra).await?;
+    label_content(
+        d,
+        &stored.blob.digest,
+        &HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), diff_id.clone())]),
+    )
+    .await?;
+    Ok(Layer {
+        blob: stored.blob.clone(),
+        diff_id,
     })
 }
 
@@ -456,81 +493,17 @@ pub async fn unpack(
     let chain = crate::stemcell::oci::chain_ids(&diff_ids);
     let mut parent = String::new();
     for (layer, chain_id) in layers.iter().zip(&chain) {
-        if snapshot_exists(d, snapshotter, chain_id).await? {
-            parent = chain_id.clone();
-            continue;
-        }
-        let key = format!("extract-{} {chain_id}", uuid::Uuid::new_v4().simple());
-        let prepared = d
-            .call(
-                format!("Snapshots.Prepare {key}"),
-                d.snapshots().prepare(d.req_leased(
-                    PrepareSnapshotRequest {
-                        snapshotter: snapshotter.to_owned(),
-                        key: key.clone(),
-                        parent: parent.clone(),
-                        labels: labels::base(extra),
-                    },
-                    lease,
-                )),
+        if !snapshot_exists(d, snapshotter, chain_id).await? {
+            apply_and_commit(
+                d,
+                lease,
+                snapshotter,
+                &layer.blob,
+                &parent,
+                Some(&layer.diff_id),
+                extra,
             )
             .await?;
-        let applied = async {
-            let applied = d
-                .call_long(
-                    format!("Diff.Apply {} onto {key}", layer.blob.digest),
-                    d.diff().apply(d.req_leased(
-                        ApplyRequest {
-                            diff: Some(layer.blob.to_containerd()),
-                            mounts: prepared.mounts.clone(),
-                            ..Default::default()
-                        },
-                        lease,
-                    )),
-                )
-                .await?;
-            let got = applied.applied.map(|a| a.digest).unwrap_or_default();
-            if got != layer.diff_id {
-                return Err(ContainerdError::Refused(format!(
-                    "unpacking layer {}: containerd computed diff id {got}, expected {}; the \
-                     stemcell image is corrupt",
-                    layer.blob.digest, layer.diff_id
-                )));
-            }
-            d.call(
-                format!("Snapshots.Commit {chain_id}"),
-                d.snapshots().commit(d.req_leased(
-                    CommitSnapshotRequest {
-                        snapshotter: snapshotter.to_owned(),
-                        name: chain_id.clone(),
-                        key: key.clone(),
-                        labels: labels::base(extra),
-                    },
-                    lease,
-                )),
-            )
-            .await
-            .map(|_| ())
-        }
-        .await;
-        match applied {
-            Ok(()) => {}
-            Err(e) => {
-                // Drop the half-made snapshot; with AlreadyExists another import
-                // committed the same chain id first, which is as good.
-                let _ = d
-                    .call(
-                        format!("Snapshots.Remove {key}"),
-                        d.snapshots().remove(d.req(RemoveSnapshotRequest {
-                            snapshotter: snapshotter.to_owned(),
-                            key: key.clone(),
-                        })),
-                    )
-                    .await;
-                if !e.is_already_exists() {
-                    return Err(e);
-                }
-            }
         }
         parent = chain_id.clone();
     }
@@ -540,9 +513,113 @@ pub async fn unpack(
         .ok_or_else(|| ContainerdError::Refused("the stemcell image has no layers".into()))
 }
 
+/// Applies `blob` onto a snapshot prepared on `parent` (`""` for a base layer) and
+/// commits it under its chain id. Returns the diff id containerd computed and the
+/// chain id. A diff id other than `expected` is a corrupt image; a commit that
+/// finds the chain id taken (another import made it first) is as good as ours.
+async fn apply_and_commit(
+    d: &Daemon,
+    lease: &str,
+    snapshotter: &str,
+    blob: &Blob,
+    parent: &str,
+    expected: Option<&str>,
+    extra: &std::collections::BTreeMap<String, String>,
+) -> Result<(String, String)> {
+    let key = format!("extract-{} {}", uuid::Uuid::new_v4().simple(), blob.digest);
+    let prepared = d
+        .call(
+            format!("Snapshots.Prepare {key}"),
+            d.snapshots().prepare(d.req_leased(
+                PrepareSnapshotRequest {
+                    snapshotter: snapshotter.to_owned(),
+                    key: key.clone(),
+                    parent: parent.to_owned(),
+                    labels: labels::base(extra),
+                },
+                lease,
+            )),
+        )
+        .await?;
+    let mut named = None;
+    let applied = async {
+        let applied = d
+            .call_long(
+                format!("Diff.Apply {} onto {key}", blob.digest),
+                d.diff().apply(d.req_leased(
+                    ApplyRequest {
+                        diff: Some(blob.to_containerd()),
+                        mounts: prepared.mounts.clone(),
+                        ..Default::default()
+                    },
+                    lease,
+                )),
+            )
+            .await?;
+        let got = applied.applied.map(|a| a.digest).unwrap_or_default();
+        if !got.starts_with("sha256:") {
+            return Err(ContainerdError::Refused(format!(
+                "unpacking layer {}: containerd answered no diff id",
+                blob.digest
+            )));
+        }
+        if let Some(expected) = expected.filter(|e| *e != got) {
+            return Err(ContainerdError::Refused(format!(
+                "unpacking layer {}: containerd computed diff id {got}, expected {expected}; \
+                 the stemcell image is corrupt",
+                blob.digest
+            )));
+        }
+        let chain_id = if parent.is_empty() {
+            got.clone()
+        } else {
+            crate::stemcell::oci::sha256_digest(format!("{parent} {got}").as_bytes())
+        };
+        named = Some((got, chain_id.clone()));
+        d.call(
+            format!("Snapshots.Commit {chain_id}"),
+            d.snapshots().commit(d.req_leased(
+                CommitSnapshotRequest {
+                    snapshotter: snapshotter.to_owned(),
+                    name: chain_id,
+                    key: key.clone(),
+                    labels: labels::base(extra),
+                },
+                lease,
+            )),
+        )
+        .await
+        .map(|_| ())
+    }
+    .await;
+    if let Err(e) = applied {
+        // Drop the half-made snapshot; with AlreadyExists another import committed
+        // the same chain id first, which is as good.
+        let _ = d
+            .call(
+                format!("Snapshots.Remove {key}"),
+                d.snapshots().remove(d.req(RemoveSnapshotRequest {
+                    snapshotter: snapshotter.to_owned(),
+                    key: key.clone(),
+                })),
+            )
+            .await;
+        if !e.is_already_exists() {
+            return Err(e);
+        }
+    }
+    named.ok_or_else(|| {
+        ContainerdError::Refused(format!(
+            "unpacking layer {}: nothing was applied",
+            blob.digest
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -551,7 +628,7 @@ mod tests {
     }
 
     #[test]
-    fn digests_of_a_gzip_stream_and_its_content() {
+    fn digest_of_a_gzip_stream_as_stored() {
         let plain = vec![7u8; 3 * CHUNK + 17];
         let packed = gzip(&plain);
         let mut seen = Vec::new();
@@ -564,21 +641,19 @@ mod tests {
         assert_eq!(seen, packed);
         assert_eq!(d.size, packed.len() as u64);
         assert_eq!(d.digest, crate::stemcell::oci::sha256_digest(&packed));
-        assert_eq!(d.diff_id, crate::stemcell::oci::sha256_digest(&plain));
     }
 
     #[test]
-    fn multi_member_gzip_and_plain_tar() {
-        let mut packed = gzip(b"hello ");
-        packed.extend(gzip(b"world"));
-        let d = hash_stream(&packed[..], |_| Ok(())).expect("hash");
-        assert_eq!(
-            d.diff_id,
-            crate::stemcell::oci::sha256_digest(b"hello world")
-        );
+    fn a_plain_tar_is_not_gzip() {
         let d = hash_stream(&b"plain tar bytes"[..], |_| Ok(())).expect("hash");
         assert!(!d.gzip);
-        assert_eq!(d.digest, d.diff_id);
+        assert_eq!(
+            d.digest,
+            crate::stemcell::oci::sha256_digest(b"plain tar bytes")
+        );
+        let d = hash_stream(&b""[..], |_| Ok(())).expect("hash");
+        assert!(!d.gzip);
+        assert_eq!(d.size, 0);
     }
 
     #[test]

@@ -225,12 +225,15 @@ impl ContainerdCpi {
         ctx: &CallContext,
     ) -> Result<()> {
         let started = std::time::Instant::now();
-        let layer = content::write_layer_file(d, lease, &req.image_path).await?;
-        tracing::info!(digest = %layer.blob.digest, diff_id = %layer.diff_id, bytes = layer.blob.size,
+        let stored = content::write_layer_file(d, lease, &req.image_path).await?;
+        tracing::info!(digest = %stored.blob.digest, bytes = stored.blob.size,
             secs = started.elapsed().as_secs_f32(), "stemcell image stored");
         let snapshotter = &self.config.snapshotter;
+        let layer =
+            content::unpack_stored(d, lease, snapshotter, &stored, &self.config.labels).await?;
+        // A single base layer: its chain id is its diff id.
+        let chain_id = layer.diff_id.clone();
         let layers = vec![layer];
-        let chain_id = content::unpack(d, lease, snapshotter, &layers, &self.config.labels).await?;
         tracing::info!(chain_id = %chain_id, secs = started.elapsed().as_secs_f32(), "stemcell unpacked");
         let config = content::write_blob(
             d,

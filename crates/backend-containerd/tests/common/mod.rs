@@ -477,15 +477,26 @@ pub fn assert_kind<T: std::fmt::Debug>(result: Result<T, CpiError>, kind: ErrorK
 
 /// Builds and imports the test stemcell.
 pub async fn import_stemcell(env: &TestEnv, os: &str) -> cpi_core::StemcellCid {
+    let image = build_stemcell_image(env, os);
+    import_stemcell_image(env, &image).await
+}
+
+/// Builds a test stemcell for `os` in the scratch directory; returns its image.
+pub fn build_stemcell_image(env: &TestEnv, os: &str) -> PathBuf {
     let dir = env.scratch.path().join(format!("stemcell-{os}"));
-    let sc = cpi_tests::TestStemcell::builder()
+    cpi_tests::TestStemcell::builder()
         .os(os)
-        .build_unpacked(&dir);
+        .build_unpacked(&dir)
+        .image_path
+}
+
+/// Imports the stemcell image at `image`.
+pub async fn import_stemcell_image(env: &TestEnv, image: &Path) -> cpi_core::StemcellCid {
     env.cpi
         .create_stemcell(
             &env.ctx,
             cpi_core::CreateStemcell {
-                image_path: sc.image_path,
+                image_path: image.to_path_buf(),
                 cloud_properties: Default::default(),
             },
         )
