@@ -40,6 +40,9 @@ async fn push_test_image(tag: &str) -> (String, String) {
     let config = json!({"architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [sha256(&plain)]}, "config": {}});
     let reference = format!("{LOCAL_REGISTRY}/cpi-test/containerd-light:{tag}");
+    // The registry client is built without a crypto provider of its own (as the
+    // backend's is); ring is the one compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(vec![LOCAL_REGISTRY.to_owned()]),
         ..Default::default()

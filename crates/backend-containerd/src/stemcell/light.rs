@@ -122,6 +122,10 @@ impl ContainerdCpi {
             ),
             None => reference.clone(),
         };
+        // The registry client's TLS uses ring, the provider bollard's TLS uses too (one
+        // provider compiled in: no aws-lc start-up code in every CPI process); an
+        // Err means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.config.insecure_registries.clone()),
             connect_timeout: Some(Duration::from_secs(self.config.timeout_seconds)),

@@ -89,6 +89,9 @@ pub async fn manifest_digest(reference: &str, access: &Access) -> Result<String,
     })?;
     let registry = parsed.resolve_registry().to_owned();
     let plain = access.plain_http || is_loopback(&registry);
+    // The registry client's TLS uses ring, the provider bollard's TLS uses too (one
+    // provider compiled in: no aws-lc start-up code in every CPI process).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: if plain {
             ClientProtocol::HttpsExcept(vec![registry.clone(), parsed.registry().to_owned()])
