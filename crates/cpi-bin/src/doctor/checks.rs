@@ -9,13 +9,18 @@ use std::path::{Path, PathBuf};
 use super::host::{self, Cgroup, Mount};
 use super::report::{Finding, Status};
 
-/// The CNI plugins the containerd backend runs, and whether each is essential.
-pub const CNI_PLUGINS: [(&str, bool); 5] = [
-    ("bridge", true),
-    ("host-local", true),
-    ("static", true),
-    ("loopback", true),
-    ("portmap", false),
+/// The CNI plugins the containerd backend runs, and what needs each. A manual IPv4
+/// network's interface is made by the CPI itself over netlink: a host without
+/// plugins runs such VMs, so a missing plugin is a warning that names what fails.
+pub const CNI_PLUGINS: [(&str, &str); 5] = [
+    ("bridge", "dynamic and IPv6 networks"),
+    ("host-local", "dynamic networks"),
+    ("static", "IPv6 manual networks"),
+    ("portmap", "VMs with `ports`"),
+    (
+        "loopback",
+        "deleting VMs made by versions before `lo` came up over netlink",
+    ),
 ];
 
 /// This process's mount table (empty when unreadable).
@@ -142,19 +147,11 @@ pub fn cni(dir: &Path) -> Finding {
         fs::metadata(dir.join(name))
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    let missing: Vec<(&str, bool)> = CNI_PLUGINS
+    let missing: Vec<(&str, &str)> = CNI_PLUGINS
         .iter()
         .copied()
         .filter(|(n, _)| !executable(n))
         .collect();
-    let names = |essential: bool| {
-        missing
-            .iter()
-            .filter(|(_, e)| *e == essential)
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-    };
-    let (essential, optional) = (names(true), names(false));
     let all: Vec<&str> = CNI_PLUGINS.iter().map(|(n, _)| *n).collect();
     let f = Finding::new(
         "cni",
@@ -170,32 +167,23 @@ pub fn cni(dir: &Path) -> Finding {
         "missing",
         missing.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
     );
-    let fix = "install containernetworking-plugins (Debian/Ubuntu: apt-get install containernetworking-plugins) or set containerd.cni_bin_dir to where they are";
-    if !essential.is_empty() {
-        Finding {
-            status: Status::Blocker,
-            summary: format!(
-                "CNI plugins missing from {}: {} (VMs cannot get networks)",
-                dir.display(),
-                [essential, optional].concat().join(", ")
-            ),
-            ..f
-        }
-        .fix(fix)
-    } else if !optional.is_empty() {
-        Finding {
-            status: Status::Warn,
-            summary: format!(
-                "CNI plugin missing from {}: {} (needed only by VMs with `ports`)",
-                dir.display(),
-                optional.join(", ")
-            ),
-            ..f
-        }
-        .fix(fix)
-    } else {
-        f
+    if missing.is_empty() {
+        return f;
     }
+    let needs: Vec<String> = missing
+        .iter()
+        .map(|(n, what)| format!("{n} ({what})"))
+        .collect();
+    Finding {
+        status: Status::Warn,
+        summary: format!(
+            "CNI plugins missing from {}: {}; manual IPv4 networks need none",
+            dir.display(),
+            needs.join(", ")
+        ),
+        ..f
+    }
+    .fix("install containernetworking-plugins (Debian/Ubuntu: apt-get install containernetworking-plugins) or set containerd.cni_bin_dir to where they are")
 }
 
 /// Loop devices: reported, never needed.
@@ -259,11 +247,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cni_plugins_missing_block_portmap_only_warns() {
+    fn missing_cni_plugins_warn_and_name_what_needs_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = cni(dir.path());
-        assert_eq!(f.status, Status::Blocker);
-        assert!(f.summary.contains("bridge, host-local"), "{}", f.summary);
+        // Manual IPv4 networks need no plugin: a warning, not a blocker.
+        assert_eq!(f.status, Status::Warn);
+        assert!(
+            f.summary.contains("bridge (dynamic and IPv6 networks)")
+                && f.summary.contains("host-local (dynamic networks)")
+                && f.summary.contains("manual IPv4 networks need none"),
+            "{}",
+            f.summary
+        );
         for (name, _) in CNI_PLUGINS.iter().filter(|(n, _)| *n != "portmap") {
             let path = dir.path().join(name);
             fs::write(&path, b"#!/bin/sh\n").expect("write");
@@ -271,7 +266,12 @@ mod tests {
         }
         let f = cni(dir.path());
         assert_eq!(f.status, Status::Warn, "{f:?}");
-        assert!(f.summary.contains("portmap"), "{}", f.summary);
+        assert!(
+            f.summary.contains("portmap (VMs with `ports`)"),
+            "{}",
+            f.summary
+        );
+        assert!(!f.summary.contains("bridge"), "{}", f.summary);
         let path = dir.path().join("portmap");
         fs::write(&path, b"").expect("write");
         // Not executable: still missing.
