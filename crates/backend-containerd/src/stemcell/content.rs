@@ -111,8 +111,8 @@ pub async fn label_content(d: &Daemon, digest: &str, new: &HashMap<String, Strin
     .map(|_| ())
 }
 
-/// Whether content `digest` is in the store.
-pub async fn content_exists(d: &Daemon, digest: &str) -> Result<bool> {
+/// The labels of content `digest`; `None` when it is not in the store.
+async fn content_labels(d: &Daemon, digest: &str) -> Result<Option<HashMap<String, String>>> {
     match d
         .call(
             format!("Content.Info {digest}"),
@@ -122,8 +122,8 @@ pub async fn content_exists(d: &Daemon, digest: &str) -> Result<bool> {
         )
         .await
     {
-        Ok(_) => Ok(true),
-        Err(e) if e.is_not_found() => Ok(false),
+        Ok(r) => Ok(Some(r.info.map(|i| i.labels).unwrap_or_default())),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -409,17 +409,9 @@ pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<St
 /// The diff id an earlier unpack recorded on blob `digest` (its
 /// `containerd.io/uncompressed` label), if any.
 async fn recorded_diff_id(d: &Daemon, digest: &str) -> Result<Option<String>> {
-    let info = d
-        .call(
-            format!("Content.Info {digest}"),
-            d.content().info(d.req(InfoRequest {
-                digest: digest.to_owned(),
-            })),
-        )
-        .await?;
-    Ok(info
-        .info
-        .and_then(|i| i.labels.get(labels::GC_UNCOMPRESSED).cloned())
+    Ok(content_labels(d, digest)
+        .await?
+        .and_then(|mut labels| labels.remove(labels::GC_UNCOMPRESSED))
         .filter(|v| v.starts_with("sha256:")))
 }
 
