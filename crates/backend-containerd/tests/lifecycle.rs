@@ -569,18 +569,14 @@ async fn a_failed_create_vm_removes_everything_it_made() {
         &json!({"n": {"type": "dynamic", "cloud_properties": {"subnet": "10.231.10.0/24"}}}),
     )
     .expect("networks");
-    let err = assert_kind(
-        env.cpi
-            .create_vm(&env.ctx, create_vm_req(&stemcell, "a", networks, json!({})))
-            .await,
-        ErrorKind::VmCreationFailed,
-    );
-    assert!(
-        err.message.contains("containernetworking-plugins"),
-        "{}",
-        err.message
-    );
-    let cid = failed_vm(&env, &err);
+    let cid = failed_create(
+        &env,
+        &stemcell,
+        "a",
+        networks,
+        "containernetworking-plugins",
+    )
+    .await;
 
     // A manual IPv4 network needs no plugin: the CPI makes its interface. A route
     // through a next hop outside the subnet is refused by the kernel after the veth
@@ -589,19 +585,14 @@ async fn a_failed_create_vm_removes_everything_it_made() {
         "netmask": "24", "gateway": "10.231.9.1",
         "routes": [{"destination": "192.168.0.0", "netmask": "255.255.0.0", "gateway": "172.31.255.1"}]}}))
     .expect("networks");
-    let err = assert_kind(
-        env.cpi
-            .create_vm(&env.ctx, create_vm_req(&stemcell, "b", networks, json!({})))
-            .await,
-        ErrorKind::VmCreationFailed,
-    );
-    assert!(
-        err.message
-            .contains("adding route 192.168.0.0/16 via 172.31.255.1 on eth0"),
-        "{}",
-        err.message
-    );
-    let native = failed_vm(&env, &err);
+    let native = failed_create(
+        &env,
+        &stemcell,
+        "b",
+        networks,
+        "adding route 192.168.0.0/16 via 172.31.255.1 on eth0",
+    )
+    .await;
     env.cpi
         .delete_stemcell(&env.ctx, &stemcell)
         .await
@@ -610,9 +601,26 @@ async fn a_failed_create_vm_removes_everything_it_made() {
     env.assert_clean(&[cid, native]);
 }
 
-/// Checks what a failed `create_vm` left: no VM directory, no network namespace,
-/// and a clean cleanup; returns the VM cid its message names.
-fn failed_vm(env: &TestEnv, err: &cpi_core::CpiError) -> String {
+/// Runs a `create_vm` that must fail with `VMCreationFailed` and a message
+/// containing `needle`, and checks what it left: no VM directory, no network
+/// namespace, and a clean cleanup. Returns the VM cid the message names.
+async fn failed_create(
+    env: &TestEnv,
+    stemcell: &StemcellCid,
+    agent: &str,
+    networks: Networks,
+    needle: &str,
+) -> String {
+    let err = assert_kind(
+        env.cpi
+            .create_vm(
+                &env.ctx,
+                create_vm_req(stemcell, agent, networks, json!({})),
+            )
+            .await,
+        ErrorKind::VmCreationFailed,
+    );
+    assert!(err.message.contains(needle), "{}", err.message);
     assert!(
         !err.message.contains("cleaning up"),
         "cleanup failed: {}",
