@@ -20,6 +20,7 @@
 
 pub mod cni;
 pub mod link;
+pub mod nft;
 pub mod rules;
 
 use std::collections::BTreeMap;

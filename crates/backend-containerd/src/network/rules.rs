@@ -16,7 +16,8 @@
 //!   networks with a gateway: outbound NAT, as `ipMasq` did.
 //!
 //! Each rule carries the comment `bcpi:<bridge>:<role>`, by which it is found. A
-//! `create_vm` lists the tables once (`iptables-save`, one process) and adds what is
+//! `create_vm` looks for them once (over nf_tables netlink, [`super::nft`], where
+//! `iptables` is the nf_tables variant; else `iptables-save`) and adds what is
 //! missing under a host lock; on a host that has them, that is all. The rules stay
 //! with the bridge (which outlives its VMs on purpose); `remove_idle_cpi_bridges` in
 //! `scripts/lib.sh` removes both. VMs recorded with the old per-VM plugins keep them:
@@ -30,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ContainerdError, Result};
 use crate::hostlock::{self, Scope};
+
+use super::nft;
 
 /// How long a `create_vm` waits for another process adding bridge rules.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -214,9 +217,31 @@ async fn run(name: &str, args: &[String]) -> Result<String> {
     }
 }
 
-/// Makes sure the host has the rules of every bridge in `bridges`: one listing per
-/// address family, and additions (under the host's lock, listed again inside it)
-/// only for what is missing.
+/// The rules of `wanted` missing from nf_tables: one netlink dump per chain.
+fn nft_missing(ipv6: bool, wanted: &[Rule]) -> std::io::Result<Vec<&Rule>> {
+    let mut chains: Vec<(&str, &str)> = wanted.iter().map(|r| (r.table, r.chain)).collect();
+    chains.sort_unstable();
+    chains.dedup();
+    let mut present: Vec<(&str, &str, String)> = Vec::new();
+    for (table, chain) in chains {
+        for comment in nft::chain_comments(ipv6, table, chain)? {
+            present.push((table, chain, comment));
+        }
+    }
+    Ok(wanted
+        .iter()
+        .filter(|r| {
+            !present
+                .iter()
+                .any(|(t, c, comment)| *t == r.table && *c == r.chain && *comment == r.comment)
+        })
+        .collect())
+}
+
+/// Makes sure the host has the rules of every bridge in `bridges`: one look per
+/// address family (over nf_tables netlink where `iptables` is the nf_tables
+/// variant, else an `iptables-save`), and additions (under the host's lock, listed
+/// again inside it with `iptables-save`) only for what is missing.
 pub async fn ensure(state_dir: &Path, bridges: &[&BridgeRules]) -> Result<()> {
     for ipv6 in [false, true] {
         let wanted: Vec<Rule> = bridges
@@ -232,7 +257,19 @@ pub async fn ensure(state_dir: &Path, bridges: &[&BridgeRules]) -> Result<()> {
         } else {
             ("iptables-save", "iptables")
         };
-        if missing(&run(save, &[]).await?, &wanted).is_empty() {
+        let present = match sbin(tool) {
+            // On nf_tables hosts a netlink dump of the rules' chains answers without
+            // a process; anything it cannot tell goes to `iptables-save` below.
+            Some(path) if nft::is_nf_tables_tool(&path) => match nft_missing(ipv6, &wanted) {
+                Ok(missing) => missing.is_empty(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the rules over nf_tables netlink; listing them with {save}");
+                    false
+                }
+            },
+            _ => missing(&run(save, &[]).await?, &wanted).is_empty(),
+        };
+        if present {
             continue;
         }
         let _lock = hostlock::acquire(state_dir, Scope::BridgeRules, LOCK_WAIT).await?;
@@ -320,5 +357,83 @@ mod tests {
         let left = missing(quoted, &wanted);
         assert_eq!(left.len(), 2);
         assert!(left.iter().all(|r| !r.comment.ends_with(":in")));
+    }
+
+    /// Deletes the rules it was given when dropped, so a failed assertion leaves
+    /// nothing on the host.
+    struct Added(Vec<BridgeRules>);
+
+    impl Drop for Added {
+        fn drop(&mut self) {
+            for b in &self.0 {
+                let tool = if b.is_ipv6() { "ip6tables" } else { "iptables" };
+                for r in b.rules() {
+                    let mut args = vec!["-w".to_owned(), "-t".into(), r.table.into()];
+                    args.extend(["-D".into(), r.chain.into()]);
+                    args.extend(r.spec.iter().cloned());
+                    let _ = std::process::Command::new(sbin(tool).unwrap_or_default())
+                        .args(&args)
+                        .output();
+                }
+            }
+        }
+    }
+
+    /// Against this host's kernel: what `ensure` adds with `iptables`, the netlink
+    /// dump sees, in both families, and what is deleted it no longer sees; the
+    /// `iptables-save` listing agrees.
+    #[tokio::test]
+    async fn the_netlink_dump_sees_what_iptables_adds_and_deletes() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "run the tests as root: this one adds host firewall rules"
+        );
+        let iptables = sbin("iptables").expect("iptables is installed (apt-get install iptables)");
+        assert!(
+            nft::is_nf_tables_tool(&iptables),
+            "this host's iptables is not the nf_tables variant; \
+             update-alternatives --set iptables /usr/sbin/iptables-nft"
+        );
+        let tag = std::process::id() & 0xff_ffff;
+        let bridges = vec![
+            BridgeRules {
+                bridge: format!("bcpinft{tag:06x}"),
+                subnet: format!("10.252.{}.0/24", tag % 250).parse().expect("net"),
+                masquerade: true,
+            },
+            BridgeRules {
+                bridge: format!("bcpinf6{tag:06x}"),
+                subnet: format!("fd00:bc:{tag:x}::/64").parse().expect("net"),
+                masquerade: true,
+            },
+        ];
+        let state = tempfile::tempdir().expect("tempdir");
+        for b in &bridges {
+            let wanted = b.rules();
+            let left = nft_missing(b.is_ipv6(), &wanted).expect("dump");
+            assert_eq!(left.len(), 3, "{} has no rules yet", b.bridge);
+        }
+        let added = Added(bridges.clone());
+        ensure(state.path(), &added.0.iter().collect::<Vec<_>>())
+            .await
+            .expect("rules added");
+        for b in &bridges {
+            let wanted = b.rules();
+            let left = nft_missing(b.is_ipv6(), &wanted).expect("dump");
+            assert!(left.is_empty(), "netlink misses {left:?}");
+            let save = if b.is_ipv6() {
+                "ip6tables-save"
+            } else {
+                "iptables-save"
+            };
+            let listing = run(save, &[]).await.expect("listing");
+            assert!(missing(&listing, &wanted).is_empty());
+        }
+        drop(added);
+        for b in &bridges {
+            let wanted = b.rules();
+            let left = nft_missing(b.is_ipv6(), &wanted).expect("dump");
+            assert_eq!(left.len(), 3, "{}'s rules were deleted", b.bridge);
+        }
     }
 }
