@@ -86,9 +86,9 @@ pub fn vm_files(
 }
 
 /// Writes `files` below `root`, never following the VM's symlinks out of it.
-pub fn write_files(root: &Path, files: &[VmFile]) -> Result<()> {
+pub fn write_files(root: &Path, files: &[VmFile], durable: fsutil::Durable) -> Result<()> {
     for f in files {
-        fsutil::write_in_root(root, f.path, &f.contents, f.mode)?;
+        fsutil::write_in_root(root, f.path, &f.contents, f.mode, durable)?;
     }
     Ok(())
 }
@@ -163,6 +163,7 @@ mod tests {
                 contents: b"{}".to_vec(),
                 mode: 0o600,
             }],
+            fsutil::Durable::Now,
         )
         .expect("write");
         assert!(root

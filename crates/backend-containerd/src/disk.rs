@@ -408,7 +408,7 @@ impl ContainerdCpi {
                 if pid > 0 && status != containerd_client::types::v1::Status::Stopped =>
             {
                 let root = PathBuf::from(format!("/proc/{pid}/root"));
-                agent_env::write_files(&root, &[file])
+                agent_env::write_files(&root, &[file], crate::fsutil::Durable::Now)
             }
             _ => {
                 let container = require_container(d, vm.as_str()).await?;

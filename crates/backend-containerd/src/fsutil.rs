@@ -15,9 +15,31 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{ContainerdError, Result};
 
+/// Who makes a write durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durable {
+    /// The write itself: the file is `fsync`ed before it is renamed into place.
+    Now,
+    /// The caller, with one [`sync_filesystem`] once all its files are written.
+    ByCaller,
+}
+
 /// Writes `bytes` to `path` with `mode` via a temporary file and a rename, so readers
-/// see the old or the new content, never a half-written file.
+/// see the old or the new content, never a half-written file; durable on return.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_replacing(path, bytes, mode, Durable::Now)
+}
+
+/// Makes everything written to the filesystem holding `dir` durable (`syncfs`): one
+/// call for many files instead of an `fsync` each.
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    let synced =
+        std::fs::File::open(dir).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+    synced.map_err(|e| ContainerdError::io("syncing the filesystem of", dir, e))
+}
+
+/// [`write_atomic`], with the `fsync` left to the caller when `durable` says so.
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, durable: Durable) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path
         .file_name()
@@ -32,7 +54,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
+        if durable == Durable::Now {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     result.map_err(|e| {
@@ -108,7 +132,13 @@ fn components(path: &Path) -> VecDeque<OsString> {
 
 /// Writes file `vm_path` (absolute inside the VM) below the VM's `root` as a regular
 /// file with `mode`, replacing whatever was there (a symlink included) atomically.
-pub fn write_in_root(root: &Path, vm_path: &str, bytes: &[u8], mode: u32) -> Result<()> {
+pub fn write_in_root(
+    root: &Path,
+    vm_path: &str,
+    bytes: &[u8],
+    mode: u32,
+    durable: Durable,
+) -> Result<()> {
     let vm_path = Path::new(vm_path);
     let (Some(parent), Some(name)) = (vm_path.parent(), vm_path.file_name()) else {
         return Err(ContainerdError::Refused(format!(
@@ -123,7 +153,7 @@ pub fn write_in_root(root: &Path, vm_path: &str, bytes: &[u8], mode: u32) -> Res
             e,
         )
     })?;
-    write_atomic(&dir.join(name), bytes, mode)
+    write_replacing(&dir.join(name), bytes, mode, durable)
 }
 
 #[cfg(test)]
@@ -149,7 +179,14 @@ mod tests {
         // to the host's directory must land inside the root.
         symlink("/run/real", root.join("var")).expect("symlink");
         symlink(&outside, root.join("escape")).expect("symlink");
-        write_in_root(&root, "/var/vcap/bosh/settings.json", b"{}", 0o600).expect("write");
+        write_in_root(
+            &root,
+            "/var/vcap/bosh/settings.json",
+            b"{}",
+            0o600,
+            Durable::Now,
+        )
+        .expect("write");
         let written = root.join("run/real/vcap/bosh/settings.json");
         assert_eq!(std::fs::read(&written).expect("read"), b"{}");
         assert_eq!(
@@ -160,13 +197,13 @@ mod tests {
                 & 0o777,
             0o600
         );
-        write_in_root(&root, "/escape/x", b"x", 0o644).expect("write");
+        write_in_root(&root, "/escape/x", b"x", 0o644, Durable::Now).expect("write");
         assert!(!outside.join("x").exists(), "wrote outside the root");
         assert!(root
             .join(outside.strip_prefix("/").expect("abs"))
             .join("x")
             .exists());
-        write_in_root(&root, "/../../etc/y", b"y", 0o644).expect("write");
+        write_in_root(&root, "/../../etc/y", b"y", 0o644, Durable::Now).expect("write");
         assert!(root.join("etc/y").exists());
         std::fs::remove_dir_all(&base).expect("rm");
     }
@@ -179,7 +216,14 @@ mod tests {
         let host_file = base.join("host-resolv.conf");
         std::fs::write(&host_file, "nameserver 127.0.0.53\n").expect("write");
         symlink(&host_file, root.join("etc/resolv.conf")).expect("symlink");
-        write_in_root(&root, "/etc/resolv.conf", b"nameserver 1.1.1.1\n", 0o644).expect("write");
+        write_in_root(
+            &root,
+            "/etc/resolv.conf",
+            b"nameserver 1.1.1.1\n",
+            0o644,
+            Durable::Now,
+        )
+        .expect("write");
         assert_eq!(
             std::fs::read_to_string(&host_file).expect("read"),
             "nameserver 127.0.0.53\n"
@@ -190,12 +234,35 @@ mod tests {
     }
 
     #[test]
+    fn a_write_left_to_the_callers_sync_is_complete_and_in_place() {
+        let base = tempdir();
+        write_in_root(&base, "/etc/hostname", b"vm-1\n", 0o600, Durable::ByCaller).expect("write");
+        sync_filesystem(&base).expect("syncfs");
+        let written = base.join("etc/hostname");
+        assert_eq!(std::fs::read(&written).expect("read"), b"vm-1\n");
+        let mode = std::fs::metadata(&written)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(base.join("etc"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["hostname"]);
+        let e = sync_filesystem(&base.join("gone")).expect_err("no such directory");
+        assert!(e.to_string().contains("gone"), "{e}");
+        std::fs::remove_dir_all(&base).expect("rm");
+    }
+
+    #[test]
     fn symlink_loops_are_refused() {
         let base = tempdir();
         symlink("/b", base.join("a")).expect("symlink");
         symlink("/a", base.join("b")).expect("symlink");
-        assert!(write_in_root(&base, "/a/x", b"", 0o644).is_err());
-        assert!(write_in_root(&base, "/", b"", 0o644).is_err());
+        assert!(write_in_root(&base, "/a/x", b"", 0o644, Durable::Now).is_err());
+        assert!(write_in_root(&base, "/", b"", 0o644, Durable::Now).is_err());
         std::fs::remove_dir_all(&base).expect("rm");
     }
 }
