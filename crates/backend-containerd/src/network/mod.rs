@@ -510,12 +510,6 @@ fn delete_netns(name: &str) -> Result<()> {
     }
 }
 
-fn write_state(path: &Path, state: &NetworkState) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(state)
-        .map_err(|e| ContainerdError::Refused(format!("serialising network state: {e}")))?;
-    crate::fsutil::write_atomic(path, &bytes, 0o600)
-}
-
 /// Reads a VM's network state; `None` when there is none.
 pub fn read_state(path: &Path) -> Result<Option<NetworkState>> {
     match std::fs::read(path) {
@@ -539,6 +533,30 @@ fn runtime_for(state: &NetworkState, a: &Attachment, bin_dir: &Path) -> cni::Run
     }
 }
 
+/// Runs a blocking step of [`setup`] (file syncs, netlink, namespace threads) on the
+/// runtime's blocking pool. `create_vm` runs `setup` beside containerd requests on
+/// one thread; done inline, these steps kept those requests from going out until
+/// the whole network was made.
+async fn off_thread<T: Send + 'static>(
+    what: &'static str,
+    step: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(step)
+        .await
+        .map_err(|e| ContainerdError::Refused(format!("{what}: {e}")))?
+}
+
+/// Records the VM's network state (atomically and durably), off the runtime's thread.
+async fn record_state(path: &Path, state: &NetworkState) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(state)
+        .map_err(|e| ContainerdError::Refused(format!("serialising network state: {e}")))?;
+    let path = path.to_path_buf();
+    off_thread("recording the network state", move || {
+        crate::fsutil::write_atomic(&path, &bytes, 0o600)
+    })
+    .await
+}
+
 /// Makes sure the host has its bridges' rules, creates the VM's network namespace
 /// and runs ADD for every attachment, recording each result in `state_path` as it
 /// goes. On failure the caller runs [`teardown`].
@@ -548,36 +566,45 @@ pub async fn setup(
     state: &mut NetworkState,
     bin_dir: &Path,
 ) -> Result<()> {
-    write_state(state_path, state)?;
-    let bridges: Vec<&rules::BridgeRules> = state
+    record_state(state_path, state).await?;
+    let bridges: Vec<rules::BridgeRules> = state
         .attachments
         .iter()
-        .filter_map(|a| a.bridge_rules.as_ref())
+        .filter_map(|a| a.bridge_rules.clone())
         .collect();
-    rules::ensure(state_dir, &bridges).await?;
-    let netns = cni::netns_path(&state.netns);
-    if !is_netns(&netns) {
-        // A file without a namespace on it: a create killed halfway.
-        if netns.exists() {
-            delete_netns(&state.netns)?;
+    rules::ensure(state_dir, &bridges.iter().collect::<Vec<_>>()).await?;
+    let name = state.netns.clone();
+    off_thread("creating the network namespace", move || {
+        let netns = cni::netns_path(&name);
+        if !is_netns(&netns) {
+            // A file without a namespace on it: a create killed halfway.
+            if netns.exists() {
+                delete_netns(&name)?;
+            }
+            add_netns(&name)?;
         }
-        add_netns(&state.netns)?;
-    }
+        Ok(())
+    })
+    .await?;
     for i in 0..state.attachments.len() {
         state.attachments[i].attempted = true;
-        write_state(state_path, state)?;
+        record_state(state_path, state).await?;
         let a = state.attachments[i].clone();
         let runtime = runtime_for(state, &a, bin_dir);
         let made = match &a.native {
             Some(native) => {
-                link::add(&runtime.netns, &a.ifname, native).map_err(|source| {
-                    ContainerdError::Link {
+                let (netns, ifname, link) =
+                    (runtime.netns.clone(), a.ifname.clone(), native.clone());
+                let vm = state.netns.clone();
+                off_thread("making an interface", move || {
+                    link::add(&netns, &ifname, &link).map_err(|source| ContainerdError::Link {
                         action: "making",
-                        ifname: a.ifname.clone(),
-                        vm: state.netns.clone(),
+                        ifname,
+                        vm,
                         source,
-                    }
-                })?;
+                    })
+                })
+                .await?;
                 Some(native.result(&a.ifname, &runtime.netns))
             }
             None => None,
@@ -585,7 +612,7 @@ pub async fn setup(
         let result = cni::add_list(&runtime, &a.conflist, &a.runtime_config, made).await?;
         tracing::debug!(ifname = %a.ifname, ips = ?cni::result_ips(&result), "CNI ADD done");
         state.attachments[i].result = Some(result);
-        write_state(state_path, state)?;
+        record_state(state_path, state).await?;
     }
     Ok(())
 }

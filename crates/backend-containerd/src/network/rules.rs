@@ -217,6 +217,15 @@ async fn run(name: &str, args: &[String]) -> Result<String> {
     }
 }
 
+/// Whether nf_tables has all of `wanted`, asked off the runtime's thread (the caller
+/// runs beside containerd requests on the same thread).
+async fn nft_all_present(ipv6: bool, wanted: &[Rule]) -> std::io::Result<bool> {
+    let wanted = wanted.to_vec();
+    tokio::task::spawn_blocking(move || nft_missing(ipv6, &wanted).map(|m| m.is_empty()))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
 /// The rules of `wanted` missing from nf_tables: one netlink dump per chain.
 fn nft_missing(ipv6: bool, wanted: &[Rule]) -> std::io::Result<Vec<&Rule>> {
     let mut chains: Vec<(&str, &str)> = wanted.iter().map(|r| (r.table, r.chain)).collect();
@@ -260,13 +269,15 @@ pub async fn ensure(state_dir: &Path, bridges: &[&BridgeRules]) -> Result<()> {
         let present = match sbin(tool) {
             // On nf_tables hosts a netlink dump of the rules' chains answers without
             // a process; anything it cannot tell goes to `iptables-save` below.
-            Some(path) if nft::is_nf_tables_tool(&path) => match nft_missing(ipv6, &wanted) {
-                Ok(missing) => missing.is_empty(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the rules over nf_tables netlink; listing them with {save}");
-                    false
+            Some(path) if nft::is_nf_tables_tool(&path) => {
+                match nft_all_present(ipv6, &wanted).await {
+                    Ok(present) => present,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read the rules over nf_tables netlink; listing them with {save}");
+                        false
+                    }
                 }
-            },
+            }
             _ => missing(&run(save, &[]).await?, &wanted).is_empty(),
         };
         if present {
