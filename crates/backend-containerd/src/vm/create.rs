@@ -155,6 +155,7 @@ impl ContainerdCpi {
             .await;
         match built {
             Ok(pid) => {
+                // Left when its removal beside the task's start failed.
                 if let Some(lease) = lease {
                     if let Err(e) = content::delete_lease(d, &lease, false).await {
                         tracing::warn!(lease = %lease, "could not delete the lease (it expires by itself): {e}");
@@ -283,7 +284,21 @@ impl ContainerdCpi {
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);
         write_into_snapshot(&mounts, &paths, &files)?;
-        start_task(d, cid, mounts, &paths).await
+        // The container now holds its snapshot, so the lease that kept the snapshot
+        // from the collector until then can go. Its removal is a metadata commit in
+        // containerd (~7 ms here, seen with strace): done while the task starts
+        // rather than after. When it fails, the lease stays for the caller.
+        let release = async {
+            match lease.as_deref() {
+                Some(id) => content::delete_lease(d, id, false).await.is_ok(),
+                None => true,
+            }
+        };
+        let (started, released) = tokio::join!(start_task(d, cid, mounts, &paths), release);
+        if released {
+            *lease = None;
+        }
+        started
     }
 
     /// The VM's container record (its OCI spec names the network namespace at
