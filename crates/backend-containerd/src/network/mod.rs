@@ -567,12 +567,12 @@ pub async fn setup(
     bin_dir: &Path,
 ) -> Result<()> {
     record_state(state_path, state).await?;
-    let bridges: Vec<rules::BridgeRules> = state
+    let bridges: Vec<&rules::BridgeRules> = state
         .attachments
         .iter()
-        .filter_map(|a| a.bridge_rules.clone())
+        .filter_map(|a| a.bridge_rules.as_ref())
         .collect();
-    rules::ensure(state_dir, &bridges.iter().collect::<Vec<_>>()).await?;
+    rules::ensure(state_dir, &bridges).await?;
     let name = state.netns.clone();
     off_thread("creating the network namespace", move || {
         let netns = cni::netns_path(&name);

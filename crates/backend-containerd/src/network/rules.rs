@@ -148,7 +148,7 @@ impl BridgeRules {
 /// rule is present when its table's chain has a rule with its comment.
 pub fn missing<'a>(listing: &str, wanted: &'a [Rule]) -> Vec<&'a Rule> {
     let mut table = "";
-    let mut present: Vec<(&str, &str)> = Vec::new();
+    let mut present: Vec<(&str, &str, &str)> = Vec::new();
     for line in listing.lines() {
         if let Some(t) = line.strip_prefix('*') {
             table = t.trim();
@@ -164,20 +164,19 @@ pub fn missing<'a>(listing: &str, wanted: &'a [Rule]) -> Vec<&'a Rule> {
         while let Some(w) = words.next() {
             if w == "--comment" {
                 if let Some(c) = words.next() {
-                    let c = c.trim_matches('"');
-                    if let Some(r) = wanted
-                        .iter()
-                        .find(|r| r.table == table && r.chain == chain && r.comment == c)
-                    {
-                        present.push((r.table, r.comment.as_str()));
-                    }
+                    present.push((table, chain, c.trim_matches('"')));
                 }
             }
         }
     }
+    absent(wanted, &present)
+}
+
+/// The rules of `wanted` without a `(table, chain, comment)` in `present`.
+fn absent<'a>(wanted: &'a [Rule], present: &[(&str, &str, &str)]) -> Vec<&'a Rule> {
     wanted
         .iter()
-        .filter(|r| !present.contains(&(r.table, r.comment.as_str())))
+        .filter(|r| !present.contains(&(r.table, r.chain, r.comment.as_str())))
         .collect()
 }
 
@@ -231,20 +230,17 @@ fn nft_missing(ipv6: bool, wanted: &[Rule]) -> std::io::Result<Vec<&Rule>> {
     let mut chains: Vec<(&str, &str)> = wanted.iter().map(|r| (r.table, r.chain)).collect();
     chains.sort_unstable();
     chains.dedup();
-    let mut present: Vec<(&str, &str, String)> = Vec::new();
+    let mut found: Vec<(&str, &str, String)> = Vec::new();
     for (table, chain) in chains {
         for comment in nft::chain_comments(ipv6, table, chain)? {
-            present.push((table, chain, comment));
+            found.push((table, chain, comment));
         }
     }
-    Ok(wanted
+    let present: Vec<(&str, &str, &str)> = found
         .iter()
-        .filter(|r| {
-            !present
-                .iter()
-                .any(|(t, c, comment)| *t == r.table && *c == r.chain && *comment == r.comment)
-        })
-        .collect())
+        .map(|(t, c, comment)| (*t, *c, comment.as_str()))
+        .collect();
+    Ok(absent(wanted, &present))
 }
 
 /// Makes sure the host has the rules of every bridge in `bridges`: one look per
