@@ -63,6 +63,23 @@ pub struct Rule {
     pub spec: Vec<String>,
 }
 
+impl Rule {
+    /// The `iptables` arguments that add this rule (first in its chain or appended,
+    /// as it says) or, with `delete`, remove it.
+    pub fn iptables_args(&self, delete: bool) -> Vec<String> {
+        let mut args: Vec<String> = vec!["-w".into(), "-t".into(), self.table.into()];
+        if delete {
+            args.extend(["-D".into(), self.chain.into()]);
+        } else if self.insert {
+            args.extend(["-I".into(), self.chain.into(), "1".into()]);
+        } else {
+            args.extend(["-A".into(), self.chain.into()]);
+        }
+        args.extend(self.spec.iter().cloned());
+        args
+    }
+}
+
 impl BridgeRules {
     /// Whether the subnet is IPv6 (`ip6tables`) or IPv4 (`iptables`).
     pub fn is_ipv6(&self) -> bool {
@@ -282,14 +299,7 @@ pub async fn ensure(state_dir: &Path, bridges: &[&BridgeRules]) -> Result<()> {
         let _lock = hostlock::acquire(state_dir, Scope::BridgeRules, LOCK_WAIT).await?;
         let listing = run(save, &[]).await?;
         for rule in missing(&listing, &wanted) {
-            let mut args: Vec<String> = vec!["-w".into(), "-t".into(), rule.table.into()];
-            if rule.insert {
-                args.extend(["-I".into(), rule.chain.into(), "1".into()]);
-            } else {
-                args.extend(["-A".into(), rule.chain.into()]);
-            }
-            args.extend(rule.spec.iter().cloned());
-            run(tool, &args).await?;
+            run(tool, &rule.iptables_args(false)).await?;
             tracing::info!(comment = %rule.comment, "added a host rule for a CPI bridge");
         }
     }
@@ -332,6 +342,19 @@ mod tests {
         );
         assert!(r[0].insert && r[1].insert);
         assert_eq!(rules(false).rules().len(), 2);
+        assert_eq!(
+            r[0].iptables_args(false).join(" "),
+            "-w -t filter -I FORWARD 1 -i bcpi0123456789 -m comment --comment \
+             bcpi:bcpi0123456789:in -j ACCEPT"
+        );
+        assert!(r[2]
+            .iptables_args(false)
+            .join(" ")
+            .starts_with("-w -t nat -A POSTROUTING -s 10.231.20.0/24 "));
+        assert!(r[2]
+            .iptables_args(true)
+            .join(" ")
+            .starts_with("-w -t nat -D POSTROUTING -s 10.231.20.0/24 "));
         let v6 = BridgeRules {
             subnet: "fd00:1::/64".parse().expect("net"),
             ..rules(true)
@@ -375,11 +398,8 @@ mod tests {
             for b in &self.0 {
                 let tool = if b.is_ipv6() { "ip6tables" } else { "iptables" };
                 for r in b.rules() {
-                    let mut args = vec!["-w".to_owned(), "-t".into(), r.table.into()];
-                    args.extend(["-D".into(), r.chain.into()]);
-                    args.extend(r.spec.iter().cloned());
                     let _ = std::process::Command::new(sbin(tool).unwrap_or_default())
-                        .args(&args)
+                        .args(r.iptables_args(true))
                         .output();
                 }
             }
