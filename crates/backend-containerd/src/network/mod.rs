@@ -15,8 +15,9 @@
 //!   ([`rules`]); the default gateway's list ends with `portmap` when the VM
 //!   publishes `ports`.
 //!
-//! What was run is written to the VM directory *before* it runs, so that DEL can be
-//! replayed after a crash halfway ([`teardown`] is idempotent).
+//! A CNI plugin's ADD is recorded in the VM directory *before* it runs, so that its
+//! DEL can be replayed after a crash halfway ([`teardown`] is idempotent); an
+//! interface made over netlink goes with the VM's namespace and needs no such step.
 
 pub mod cni;
 pub mod link;
@@ -52,7 +53,9 @@ pub struct Attachment {
     /// Whether ADD was started (recorded before it runs): only those get a DEL.
     #[serde(default)]
     pub attempted: bool,
-    /// The ADD result, once ADD succeeded.
+    /// The ADD result, once ADD succeeded. Not recorded for a
+    /// [netlink-only](Attachment::is_netlink_only) attachment, whose result follows
+    /// from its [`native`](Attachment::native) plan.
     #[serde(default)]
     pub result: Option<Value>,
     /// The host rules its bridge needs (none for loopback, and none in records
@@ -63,6 +66,15 @@ pub struct Attachment {
     /// when a CNI plugin makes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub native: Option<link::NativeLink>,
+}
+
+impl Attachment {
+    /// An interface the CPI makes over netlink with no CNI plugin chained after it:
+    /// nothing of it outlives the VM's network namespace, so undoing it needs no
+    /// record of its progress.
+    pub fn is_netlink_only(&self) -> bool {
+        self.native.is_some() && cni::plugins(&self.conflist).is_empty()
+    }
 }
 
 /// Everything needed to undo a VM's networking, stored as `network.json` in its
@@ -547,34 +559,54 @@ async fn off_thread<T: Send + 'static>(
 }
 
 /// Records the VM's network state (atomically and durably), off the runtime's thread.
-async fn record_state(path: &Path, state: &NetworkState) -> Result<()> {
+/// The state is serialised before this returns its future, which borrows nothing.
+fn record_state(
+    path: &Path,
+    state: &NetworkState,
+) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
     let bytes = serde_json::to_vec_pretty(state)
-        .map_err(|e| ContainerdError::Refused(format!("serialising network state: {e}")))?;
+        .map_err(|e| ContainerdError::Refused(format!("serialising network state: {e}")));
     let path = path.to_path_buf();
-    off_thread("recording the network state", move || {
-        crate::fsutil::write_atomic(&path, &bytes, 0o600)
-    })
-    .await
+    async move {
+        let bytes = bytes?;
+        off_thread("recording the network state", move || {
+            crate::fsutil::write_atomic(&path, &bytes, 0o600)
+        })
+        .await
+    }
 }
 
 /// Makes sure the host has its bridges' rules, creates the VM's network namespace
-/// and runs ADD for every attachment, recording each result in `state_path` as it
-/// goes. On failure the caller runs [`teardown`].
+/// and adds every attachment; the state is in `state_path` when this returns. On
+/// failure the caller runs [`teardown`].
+///
+/// What is written when: a CNI plugin's ADD is recorded as started before it runs
+/// and its result after, since only the record lets its DEL (host-local's
+/// allocation, portmap's rules) run after a crash. An interface the CPI makes itself
+/// with no plugin chained after it ([`Attachment::is_netlink_only`]) needs no record
+/// to be undone: it lives in the VM's namespace, which [`teardown`] finds by the VM's
+/// name, and its result follows from the plan. Such attachments are recorded once,
+/// as started, while the namespace and interfaces are made: one durable write per
+/// VM instead of three.
 pub async fn setup(
     state_dir: &Path,
     state_path: &Path,
     state: &mut NetworkState,
     bin_dir: &Path,
 ) -> Result<()> {
-    record_state(state_path, state).await?;
+    for a in &mut state.attachments {
+        if a.is_netlink_only() {
+            a.attempted = true;
+        }
+    }
+    let record = record_state(state_path, state);
     let bridges: Vec<&rules::BridgeRules> = state
         .attachments
         .iter()
         .filter_map(|a| a.bridge_rules.as_ref())
         .collect();
-    rules::ensure(state_dir, &bridges).await?;
     let name = state.netns.clone();
-    off_thread("creating the network namespace", move || {
+    let namespace = off_thread("creating the network namespace", move || {
         let netns = cni::netns_path(&name);
         if !is_netns(&netns) {
             // A file without a namespace on it: a create killed halfway.
@@ -584,11 +616,21 @@ pub async fn setup(
             add_netns(&name)?;
         }
         Ok(())
-    })
-    .await?;
+    });
+    // The record, the host rules and the namespace do not depend on each other.
+    // `join!`, not `try_join!`: a failure of one must not cut the others short,
+    // whose result the caller's teardown then finds.
+    let (recorded, ruled, made) =
+        tokio::join!(record, rules::ensure(state_dir, &bridges), namespace);
+    recorded?;
+    ruled?;
+    made?;
     for i in 0..state.attachments.len() {
-        state.attachments[i].attempted = true;
-        record_state(state_path, state).await?;
+        let netlink_only = state.attachments[i].is_netlink_only();
+        if !netlink_only {
+            state.attachments[i].attempted = true;
+            record_state(state_path, state).await?;
+        }
         let a = state.attachments[i].clone();
         let runtime = runtime_for(state, &a, bin_dir);
         let made = match &a.native {
@@ -612,7 +654,9 @@ pub async fn setup(
         let result = cni::add_list(&runtime, &a.conflist, &a.runtime_config, made).await?;
         tracing::debug!(ifname = %a.ifname, ips = ?cni::result_ips(&result), "CNI ADD done");
         state.attachments[i].result = Some(result);
-        record_state(state_path, state).await?;
+        if !netlink_only {
+            record_state(state_path, state).await?;
+        }
     }
     Ok(())
 }
@@ -871,6 +915,7 @@ mod tests {
         );
         // No plugin runs: no port is published.
         assert_eq!(eth0.conflist["plugins"], json!([]));
+        assert!(eth0.is_netlink_only());
         // The host rules are the bridge's, not a per-VM plugin's.
         assert_eq!(
             eth0.bridge_rules,
@@ -904,6 +949,7 @@ mod tests {
         );
         assert_eq!(bridge["isGateway"], true);
         assert_eq!(bridge["ipMasq"], false);
+        assert!(!eth0.is_netlink_only());
         assert_eq!(
             bridge["ipam"],
             json!({"type": "static",
@@ -953,6 +999,10 @@ mod tests {
             state.attachments[1].runtime_config["portMappings"],
             json!([{"hostPort": 6868, "containerPort": 6868, "protocol": "tcp"}])
         );
+        // Only the first needs no record of its progress: portmap's rules outlive
+        // the namespace, so the second's ADD is recorded before it runs.
+        assert!(state.attachments[0].is_netlink_only());
+        assert!(!state.attachments[1].is_netlink_only());
     }
 
     #[test]
@@ -966,6 +1016,7 @@ mod tests {
         let state: NetworkState = serde_json::from_value(old).expect("old record");
         assert_eq!(state.attachments[0].native, None);
         assert_eq!(cni::plugins(&state.attachments[0].conflist).len(), 1);
+        assert!(!state.attachments[0].is_netlink_only());
     }
 
     #[test]
@@ -980,6 +1031,7 @@ mod tests {
             json!([[{"subnet": "10.77.0.0/24", "gateway": "10.77.0.1"}]])
         );
         assert_eq!(ipam["dataDir"], "/state/cni/host-local");
+        assert!(!state.attachments[0].is_netlink_only());
         assert_eq!(
             ipam["routes"],
             json!([{"dst": "0.0.0.0/0", "gw": "10.77.0.1"}])
