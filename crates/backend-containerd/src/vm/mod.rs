@@ -171,7 +171,19 @@ async fn wait_exit(d: &Daemon, cid: &str, limit: Duration) -> Result<bool> {
 /// Stops and deletes the VM's task: the init's shutdown signal, `grace` to exit,
 /// then SIGKILL to every process. No task is success.
 pub async fn stop_task(d: &Daemon, cid: &str, init: &str, grace: Duration) -> Result<()> {
-    let Some((pid, status)) = task_state(d, cid).await? else {
+    let task = task_state(d, cid).await?;
+    stop_found_task(d, cid, task, init, grace).await
+}
+
+/// [`stop_task`] for a task already looked up with [`task_state`].
+async fn stop_found_task(
+    d: &Daemon,
+    cid: &str,
+    task: Option<(u32, TaskStatus)>,
+    init: &str,
+    grace: Duration,
+) -> Result<()> {
+    let Some((pid, status)) = task else {
         return Ok(());
     };
     if status != TaskStatus::Stopped {
@@ -221,7 +233,9 @@ impl ContainerdCpi {
     pub(crate) async fn destroy_vm(&self, d: &Daemon, cid: &str) -> Vec<String> {
         let mut failures = Vec::new();
         let paths = self.vm_paths(cid);
-        let container = match get_container(d, cid).await {
+        // The container (its init) and the task (its PID and status): one round trip.
+        let (container, task) = tokio::join!(get_container(d, cid), task_state(d, cid));
+        let container = match container {
             Ok(c) => c,
             Err(e) => {
                 failures.push(e.to_string());
@@ -233,7 +247,11 @@ impl ContainerdCpi {
             .and_then(|c| c.labels.get(labels::INIT).cloned())
             .unwrap_or_default();
         let grace = Duration::from_secs(self.config.stop_grace_seconds);
-        if let Err(e) = stop_task(d, cid, &init, grace).await {
+        let stopped = match task {
+            Ok(task) => stop_found_task(d, cid, task, &init, grace).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stopped {
             failures.push(e.to_string());
         }
         // With the task gone, the container record and snapshot (containerd requests)
