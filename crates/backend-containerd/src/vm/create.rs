@@ -1,5 +1,6 @@
 //! `create_vm`: network namespace and CNI attachments, a snapshot of the stemcell,
-//! the agent's files written into it, the container record and a started task.
+//! the container record, and a task whose root gets the agent's files before its init
+//! runs.
 //!
 //! Any failure removes everything made so far ([`ContainerdCpi::destroy_vm`]) and
 //! reports the cleanup's failures with the cause.
@@ -63,20 +64,38 @@ pub async fn start_task(
     rootfs: Vec<ContainerdMount>,
     paths: &VmPaths,
 ) -> Result<u32> {
+    create_task(d, cid, rootfs, paths).await?;
+    run_task(d, cid).await
+}
+
+/// Creates the VM's task: the runtime sets the container up and its init waits to
+/// be started. Returns the init's PID.
+async fn create_task(
+    d: &Daemon,
+    cid: &str,
+    rootfs: Vec<ContainerdMount>,
+    paths: &VmPaths,
+) -> Result<u32> {
     let console = console_uri(paths);
-    d.call(
-        format!("Tasks.Create {cid}"),
-        d.tasks().create(d.req(CreateTaskRequest {
-            container_id: cid.to_owned(),
-            rootfs,
-            stdin: String::new(),
-            stdout: console.clone(),
-            stderr: console,
-            terminal: false,
-            ..Default::default()
-        })),
-    )
-    .await?;
+    let created = d
+        .call(
+            format!("Tasks.Create {cid}"),
+            d.tasks().create(d.req(CreateTaskRequest {
+                container_id: cid.to_owned(),
+                rootfs,
+                stdin: String::new(),
+                stdout: console.clone(),
+                stderr: console,
+                terminal: false,
+                ..Default::default()
+            })),
+        )
+        .await?;
+    Ok(created.pid)
+}
+
+/// Starts a created task; returns its PID.
+async fn run_task(d: &Daemon, cid: &str) -> Result<u32> {
     let started = d
         .call(
             format!("Tasks.Start {cid}"),
@@ -87,6 +106,43 @@ pub async fn start_task(
         )
         .await?;
     Ok(started.pid)
+}
+
+/// Creates the task, writes `files` into its root filesystem before its init runs,
+/// and starts it while they are made durable.
+///
+/// A created task's PID is the runtime's init process, which has the container's
+/// root in place and waits before running the VM's init: `/proc/<pid>/root` is the
+/// root the VM will see, mounted by the runtime. Writing there spares mounting the
+/// snapshot a second time (and unmounting it, which syncs its filesystem), and the
+/// one `syncfs` that makes the files durable runs beside `Tasks.Start` rather than
+/// before it.
+async fn start_task_with_files(
+    d: &Daemon,
+    cid: &str,
+    rootfs: Vec<ContainerdMount>,
+    paths: &VmPaths,
+    files: Vec<agent_env::VmFile>,
+) -> Result<u32> {
+    let pid = create_task(d, cid, rootfs, paths).await?;
+    if pid == 0 {
+        return Err(ContainerdError::Refused(format!(
+            "Tasks.Create {cid} answered without the init's PID; cannot write the agent's files"
+        )));
+    }
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    agent_env::write_files(&root, &files, crate::fsutil::Durable::ByCaller)?;
+    // Opened before the init runs, so the sync reaches this root whatever the
+    // init does next.
+    let root_dir =
+        std::fs::File::open(&root).map_err(|e| ContainerdError::io("opening", &root, e))?;
+    let sync = tokio::task::spawn_blocking(move || {
+        rustix::fs::syncfs(&root_dir)
+            .map_err(|e| ContainerdError::io("syncing the filesystem of", &root, e.into()))
+    });
+    let (started, synced) = tokio::join!(run_task(d, cid), sync);
+    synced.map_err(|e| ContainerdError::Refused(format!("syncing the VM's files: {e}")))??;
+    started
 }
 
 impl ContainerdCpi {
@@ -102,9 +158,14 @@ impl ContainerdCpi {
             }
         };
         let d = self.daemon().await.map_err(failed)?;
-        let stemcell = stemcell_info(d, req.stemcell.as_str())
-            .await
-            .map_err(failed)?;
+        let cid = VmCid::new(format!("vm-{}", uuid::Uuid::new_v4()))?;
+        // Independent lookups: the stemcell, and what killed calls left.
+        let (stemcell, cleared) = tokio::join!(
+            stemcell_info(d, req.stemcell.as_str()),
+            self.remove_crash_leftovers(d, ctx, req.agent_id.as_str(), cid.as_str())
+        );
+        let stemcell = stemcell.map_err(failed)?;
+        cleared.map_err(failed)?;
         if stemcell.snapshotter != self.config.snapshotter {
             return Err(failed(ContainerdError::Refused(format!(
                 "stemcell {} was unpacked into the {} snapshotter, but containerd.snapshotter is \
@@ -112,10 +173,6 @@ impl ContainerdCpi {
                 req.stemcell, stemcell.snapshotter, self.config.snapshotter
             ))));
         }
-        let cid = VmCid::new(format!("vm-{}", uuid::Uuid::new_v4()))?;
-        self.remove_crash_leftovers(d, ctx, req.agent_id.as_str(), cid.as_str())
-            .await
-            .map_err(failed)?;
         if !req.disk_cids.is_empty() {
             tracing::debug!(disks = ?req.disk_cids, "disk_cids only guide placement on a single host; the director attaches them next");
         }
@@ -221,13 +278,23 @@ impl ContainerdCpi {
         lease: &mut Option<String>,
     ) -> Result<u32> {
         let paths = self.vm_paths(cid);
-        // First, before anything else of the VM exists, with the record a retry
-        // finds it by.
-        crate::orphans::create_vm_dir(&paths.dir, req.agent_id.as_str(), ctx)?;
-        crate::fsutil::create_dirs(&paths.data, false)?;
-        crate::fsutil::create_dirs(&paths.disks, false)?;
-        crate::fsutil::create_dirs(&paths.rootfs, true)?;
-        mount::ensure_shared_mount_point(&paths.disks)?;
+        // First, before anything else of the VM exists, the VM directory with the
+        // record a retry finds it by (on the blocking pool: it syncs), while the
+        // lease that will protect the VM's snapshot is taken. The lease is not the
+        // VM's: a later call removes it once this process is gone.
+        let vm_dir = {
+            let (paths, agent_id, ctx) = (paths.clone(), req.agent_id.to_string(), ctx.clone());
+            tokio::task::spawn_blocking(move || make_vm_dir(&paths, &agent_id, &ctx))
+        };
+        let (vm_dir, lease_id) = tokio::join!(
+            vm_dir,
+            content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS)
+        );
+        if let Ok(id) = &lease_id {
+            *lease = Some(id.clone());
+        }
+        vm_dir.map_err(|e| ContainerdError::Refused(format!("making the VM directory: {e}")))??;
+        let lease_id = lease_id?;
 
         {
             // A stale reservation's take-over is check-then-act: one process at a time.
@@ -252,8 +319,6 @@ impl ContainerdCpi {
             &self.config.cni_bin_dir,
         );
         let rootfs = async {
-            let lease_id = content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS).await?;
-            *lease = Some(lease_id.clone());
             let prepared = d
                 .call(
                     format!("Snapshots.Prepare {cid} on {}", stemcell.chain_id),
@@ -280,10 +345,14 @@ impl ContainerdCpi {
         let vm_cid = VmCid::new(cid).map_err(|e| ContainerdError::BadArgument(e.message))?;
         let settings =
             AgentSettings::for_vm(&req.agent_id, &vm_cid, &self.agent, networks, &req.env);
-        crate::fsutil::write_atomic(&paths.agent_env, &settings.to_json(), 0o600)?;
+        // The host copy later calls change the settings from (attach, detach),
+        // written while the task is made.
+        let host_copy = {
+            let (path, bytes) = (paths.agent_env.clone(), settings.to_json());
+            tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &bytes, 0o600))
+        };
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);
-        write_into_snapshot(&mounts, &paths, &files)?;
         // The container now holds its snapshot, so the lease that kept the snapshot
         // from the collector until then can go. Its removal is a metadata commit in
         // containerd (~7 ms here, seen with strace): done while the task starts
@@ -294,10 +363,17 @@ impl ContainerdCpi {
                 None => true,
             }
         };
-        let (started, released) = tokio::join!(start_task(d, cid, mounts, &paths), release);
+        let (started, released, copied) = tokio::join!(
+            start_task_with_files(d, cid, mounts, &paths, files),
+            release,
+            host_copy
+        );
         if released {
             *lease = None;
         }
+        copied.map_err(|e| {
+            ContainerdError::Refused(format!("writing the host copy of the settings: {e}"))
+        })??;
         started
     }
 
@@ -363,6 +439,16 @@ impl ContainerdCpi {
         .await?;
         Ok(())
     }
+}
+
+/// Makes the VM directory with its owner record, and the directories and shared
+/// mount point below it that the container's spec names.
+fn make_vm_dir(paths: &VmPaths, agent_id: &str, ctx: &CallContext) -> Result<()> {
+    crate::orphans::create_vm_dir(&paths.dir, agent_id, ctx)?;
+    crate::fsutil::create_dirs(&paths.data, false)?;
+    crate::fsutil::create_dirs(&paths.disks, false)?;
+    crate::fsutil::create_dirs(&paths.rootfs, true)?;
+    mount::ensure_shared_mount_point(&paths.disks)
 }
 
 /// Mounts the snapshot on the VM's setup directory, writes `files`, and unmounts it
