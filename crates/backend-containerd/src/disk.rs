@@ -464,33 +464,34 @@ impl ContainerdCpi {
         }
         Ok(bound)
     }
+}
 
-    /// Unmounts every disk attached to a VM being deleted (their data stays) and
-    /// records them as detached. Returns the failures.
-    pub(crate) fn release_vm_disks(&self, vm_paths: &VmPaths) -> Vec<String> {
-        let mounted = match mounted_disks(vm_paths) {
-            Ok(d) => d,
-            Err(e) => return vec![e.to_string()],
-        };
-        let mut failures = Vec::new();
-        for disk in mounted {
-            let target = vm_paths.disk_mount(&disk);
-            if let Err(e) = mount::unmount(&target) {
-                failures.push(e.to_string());
-                continue;
-            }
-            if let Ok(paths) = self.disk_paths(&disk) {
-                if let Ok(mut record) = read_record(&paths, &disk) {
-                    record.attached_to = None;
-                    if let Err(e) = write_record(&paths, &record) {
-                        failures.push(e.to_string());
-                    }
+/// Unmounts every disk attached to a VM being deleted (their data stays) and
+/// records them as detached. Returns the failures.
+pub(crate) fn release_vm_disks(state_dir: &Path, vm_paths: &VmPaths) -> Vec<String> {
+    let mounted = match mounted_disks(vm_paths) {
+        Ok(d) => d,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut failures = Vec::new();
+    for disk in mounted {
+        let target = vm_paths.disk_mount(&disk);
+        if let Err(e) = mount::unmount(&target) {
+            failures.push(e.to_string());
+            continue;
+        }
+        if is_simple_name(&disk) {
+            let paths = DiskPaths::new(state_dir, &disk);
+            if let Ok(mut record) = read_record(&paths, &disk) {
+                record.attached_to = None;
+                if let Err(e) = write_record(&paths, &record) {
+                    failures.push(e.to_string());
                 }
             }
-            tracing::info!(disk_cid = %disk, "disk unmounted from the deleted VM; its data is kept");
         }
-        failures
+        tracing::info!(disk_cid = %disk, "disk unmounted from the deleted VM; its data is kept");
     }
+    failures
 }
 
 #[cfg(test)]

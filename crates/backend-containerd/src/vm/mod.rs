@@ -193,8 +193,10 @@ async fn stop_found_task(
             SIGTERM
         };
         tracing::debug!(vm_cid = %cid, pid, signal, "stopping the VM's init");
-        kill(d, cid, signal, false).await?;
-        if !wait_exit(d, cid, grace).await? {
+        // The wait goes out with the signal, not after it: the exit is reported on
+        // a request already in flight. A failed signal ends both.
+        let (_, exited) = tokio::try_join!(kill(d, cid, signal, false), wait_exit(d, cid, grace))?;
+        if !exited {
             tracing::info!(vm_cid = %cid, grace_secs = grace.as_secs(), "init did not exit in time; killing every process");
             kill(d, cid, SIGKILL, true).await?;
             if !wait_exit(d, cid, KILL_WAIT).await? {
@@ -254,8 +256,16 @@ impl ContainerdCpi {
         if let Err(e) = stopped {
             failures.push(e.to_string());
         }
-        // With the task gone, the container record and snapshot (containerd requests)
-        // and the network (CNI plugin processes) come down at once.
+        // The setup mount (left by a settings write into a stopped VM's snapshot)
+        // holds the snapshot's directories busy; gone before either branch below.
+        if let Err(e) = mount::unmount(&paths.rootfs) {
+            failures.push(e.to_string());
+        }
+        // With the task gone, the container record and snapshot (containerd
+        // requests) and what the VM has on the host (network, addresses, disk
+        // binds, its directory) come down at once. The host side runs on the
+        // blocking pool, so that its unmounts and file work do not hold the
+        // requests back on this thread.
         let records = async {
             let mut failures = Vec::new();
             if container.is_some() {
@@ -279,10 +289,6 @@ impl ContainerdCpi {
                 _ => (self.config.snapshotter.clone(), cid.to_owned()),
             };
             if plausible_vm_cid(&key) {
-                // The setup mount holds the snapshot's directories busy.
-                if let Err(e) = mount::unmount(&paths.rootfs) {
-                    failures.push(e.to_string());
-                }
                 match d
                     .call(
                         format!("Snapshots.Remove {key}"),
@@ -298,17 +304,32 @@ impl ContainerdCpi {
             }
             failures
         };
-        let net = network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir);
-        let (records, net) = tokio::join!(records, net);
+        let host = async {
+            let mut failures =
+                network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir).await;
+            let (state_dir, vm_paths, vm) =
+                (self.config.state_dir.clone(), paths.clone(), cid.to_owned());
+            let rest = tokio::task::spawn_blocking(move || {
+                let (paths, cid) = (vm_paths, vm);
+                let mut failures = network::release_addresses(&state_dir, &cid);
+                failures.extend(crate::disk::release_vm_disks(&state_dir, &paths));
+                match mount::unmount_all_under(&paths.dir) {
+                    Ok(f) => failures.extend(f),
+                    Err(e) => failures.push(e.to_string()),
+                }
+                failures.extend(remove_vm_dir(&paths.dir));
+                failures
+            })
+            .await;
+            match rest {
+                Ok(f) => failures.extend(f),
+                Err(e) => failures.push(format!("removing VM {cid}'s host state: {e}")),
+            }
+            failures
+        };
+        let (records, host) = tokio::join!(records, host);
         failures.extend(records);
-        failures.extend(net);
-        failures.extend(network::release_addresses(&self.config.state_dir, cid));
-        failures.extend(self.release_vm_disks(&paths));
-        match mount::unmount_all_under(&paths.dir) {
-            Ok(f) => failures.extend(f),
-            Err(e) => failures.push(e.to_string()),
-        }
-        failures.extend(remove_vm_dir(&paths.dir));
+        failures.extend(host);
         failures
     }
 }
