@@ -42,7 +42,8 @@ pub const RUNSVDIR_START: &str = "/usr/sbin/runsvdir-start";
 /// The systemd-style init of Noble stemcells (a stand-in script here).
 pub const SBIN_INIT: &str = "/sbin/init";
 /// Each start of a stand-in init appends a line here (inside the VM):
-/// `started <init path> pid <pid> at <date>`.
+/// `started <init path> pid <pid> settings <present|missing> at <date>`, where
+/// `settings` says whether the agent's settings file was there when init started.
 pub const STAND_IN_INIT_LOG: &str = "/var/vcap/data/sys/stand-in-init.log";
 /// The padding file inside the image (only present when padding was asked for).
 pub const PADDING_FILE: &str = "/var/vcap/padding/padding.bin";
@@ -107,7 +108,9 @@ const STAND_IN_INIT: &str = r#"#!/bin/sh
 # records its start, then idles until SIGTERM or SIGINT, and exits 0.
 trap 'exit 0' TERM INT
 mkdir -p /var/vcap/data/sys
-echo "started $0 pid $$ at $(date)" >> /var/vcap/data/sys/stand-in-init.log
+settings=missing
+[ -s /var/vcap/bosh/warden-cpi-agent-env.json ] && settings=present
+echo "started $0 pid $$ settings $settings at $(date)" >> /var/vcap/data/sys/stand-in-init.log
 while true; do
   sleep 1 &
   wait $!

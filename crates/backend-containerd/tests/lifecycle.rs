@@ -140,6 +140,22 @@ async fn full_lifecycle_with_live_attach_and_reboot() {
         init_log.contains("started /usr/sbin/runsvdir-start"),
         "{init_log}"
     );
+    assert!(init_log.contains(" settings present "), "{init_log}");
+    // The snapshot has no lease: the container record holds it. A collection
+    // (run synchronously by removing a lease) leaves it, and the VM, alone.
+    let lease = env
+        .ctr(&["leases", "create"])
+        .split_whitespace()
+        .next()
+        .expect("lease id")
+        .to_owned();
+    env.ctr(&["leases", "delete", "--sync", &lease]);
+    let snapshots = env.ctr(&["snapshots", "ls"]);
+    assert!(snapshots.contains(vm_a.as_str()), "{snapshots}");
+    assert!(
+        env.ctr(&["leases", "ls"]).lines().count() <= 1,
+        "a lease is left"
+    );
     let settings = settings_in_vm(pid);
     assert_eq!(settings.agent_id, "agent-a");
     assert_eq!(settings.vm.name, vm_a.as_str());

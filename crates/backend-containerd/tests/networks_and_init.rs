@@ -145,7 +145,9 @@ async fn several_networks_dynamic_addresses_ports_and_systemd() {
     let resolv = std::fs::read_to_string(in_vm(pid, "/etc/resolv.conf")).expect("resolv");
     assert!(resolv.contains("nameserver 10.231.22.1"), "{resolv}");
     // systemd-style init, told it runs in a container; pids limit applied.
-    assert!(init_log(&env, ns).contains("started /sbin/init"));
+    let log = init_log(&env, ns);
+    assert!(log.contains("started /sbin/init"), "{log}");
+    assert!(log.contains(" settings present "), "{log}");
     let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
     assert!(String::from_utf8_lossy(&environ).contains("container=containerd"));
     let labels = env.ctr(&["containers", "info", ns]);

@@ -25,13 +25,10 @@ use crate::host::{self, CgroupMode};
 use crate::labels;
 use crate::mount;
 use crate::network;
-use crate::stemcell::{content, stemcell_info, StemcellInfo};
+use crate::stemcell::{stemcell_info, StemcellInfo};
 use crate::vm::spec::{self, Init, SpecInput};
 use crate::vm::VmPaths;
 use crate::ContainerdCpi;
-
-/// How long the lease that protects a new snapshot lives if the CPI dies.
-const LEASE_EXPIRY_SECS: u64 = 3600;
 
 /// The labels of a VM's container.
 pub fn container_labels(
@@ -151,28 +148,40 @@ impl ContainerdCpi {
         ctx: &CallContext,
         req: CreateVm,
     ) -> CpiResult<CreatedVm> {
-        let failed = |e: ContainerdError| -> CpiError {
-            match e.kind() {
-                ErrorKind::CpiError | ErrorKind::NotSupported => e.into(),
-                _ => CpiError::vm_creation_failed(e.to_string(), e.is_transient()),
-            }
-        };
-        let d = self.daemon().await.map_err(failed)?;
+        let d = self.daemon().await.map_err(creation_failed)?;
         let cid = VmCid::new(format!("vm-{}", uuid::Uuid::new_v4()))?;
-        // Independent lookups: the stemcell, and what killed calls left.
-        let (stemcell, cleared) = tokio::join!(
+        // What the request alone decides, refused before anything is made.
+        let mut plan = network::plan(
+            cid.as_str(),
+            &req.networks,
+            &req.cloud_properties.ports,
+            &self.config.state_dir,
+            self.config.dynamic_subnet,
+        )
+        .map_err(creation_failed)?;
+        let paths = self.vm_paths(cid.as_str());
+        // Independent of one another, all at once: the stemcell, what killed calls
+        // left, and, before anything else of the VM exists, its directory with the
+        // record a retry finds it by (on the blocking pool, as it syncs).
+        let vm_dir = {
+            let (paths, agent_id, ctx) = (paths.clone(), req.agent_id.to_string(), ctx.clone());
+            tokio::task::spawn_blocking(move || make_vm_dir(&paths, &agent_id, &ctx))
+        };
+        let (stemcell, cleared, vm_dir) = tokio::join!(
             stemcell_info(d, req.stemcell.as_str()),
-            self.remove_crash_leftovers(d, ctx, req.agent_id.as_str(), cid.as_str())
+            self.remove_crash_leftovers(d, ctx, req.agent_id.as_str(), cid.as_str()),
+            vm_dir
         );
-        let stemcell = stemcell.map_err(failed)?;
-        cleared.map_err(failed)?;
-        if stemcell.snapshotter != self.config.snapshotter {
-            return Err(failed(ContainerdError::Refused(format!(
-                "stemcell {} was unpacked into the {} snapshotter, but containerd.snapshotter is \
-                 now {}; delete and upload the stemcell again",
-                req.stemcell, stemcell.snapshotter, self.config.snapshotter
-            ))));
-        }
+        let ready = vm_dir
+            .map_err(|e| ContainerdError::Refused(format!("making the VM directory: {e}")))
+            .and_then(|made| made)
+            .and(cleared)
+            .and(stemcell)
+            .and_then(|s| self.usable_stemcell(&req, s));
+        let stemcell = match ready {
+            Ok(stemcell) => stemcell,
+            Err(e) => return Err(self.undo_create(d, &cid, e).await),
+        };
         if !req.disk_cids.is_empty() {
             tracing::debug!(disks = ?req.disk_cids, "disk_cids only guide placement on a single host; the director attaches them next");
         }
@@ -181,14 +190,6 @@ impl ContainerdCpi {
             self.config.start_containers_with_systemd,
             &stemcell.os,
         );
-        let mut plan = network::plan(
-            cid.as_str(),
-            &req.networks,
-            &req.cloud_properties.ports,
-            &self.config.state_dir,
-            self.config.dynamic_subnet,
-        )
-        .map_err(failed)?;
         if req.cloud_properties.ephemeral_disk_mib.is_some() {
             tracing::info!(
                 "ephemeral_disk size is not enforced: /var/vcap/data is a host directory"
@@ -196,42 +197,44 @@ impl ContainerdCpi {
         }
         tracing::info!(vm_cid = %cid, stemcell = %req.stemcell, init = init.as_str(), "creating VM");
         let mut networks = req.networks.clone();
-        let mut lease = None;
         let built = self
             .build_vm(
                 d,
                 ctx,
                 &req,
-                cid.as_str(),
+                (cid.as_str(), &paths),
                 &stemcell,
                 init,
                 &mut plan,
                 &mut networks,
-                &mut lease,
             )
             .await;
         match built {
             Ok(pid) => {
-                // Left when its removal beside the task's start failed.
-                if let Some(lease) = lease {
-                    if let Err(e) = content::delete_lease(d, &lease, false).await {
-                        tracing::warn!(lease = %lease, "could not delete the lease (it expires by itself): {e}");
-                    }
-                }
                 tracing::info!(vm_cid = %cid, pid, "VM started");
                 Ok(CreatedVm { cid, networks })
             }
-            Err(e) => {
-                tracing::warn!(vm_cid = %cid, "create_vm failed, removing what was made: {e}");
-                let mut cleanup = self.destroy_vm(d, cid.as_str()).await;
-                if let Some(lease) = lease {
-                    if let Err(c) = content::delete_lease(d, &lease, true).await {
-                        cleanup.push(c.to_string());
-                    }
-                }
-                Err(failed(e.with_cleanup(cleanup)).context(format!("creating VM {cid}")))
-            }
+            Err(e) => Err(self.undo_create(d, &cid, e).await),
         }
+    }
+
+    /// Removes what a failed `create_vm` made, and the error to answer.
+    async fn undo_create(&self, d: &Daemon, cid: &VmCid, e: ContainerdError) -> CpiError {
+        tracing::warn!(vm_cid = %cid, "create_vm failed, removing what was made: {e}");
+        let cleanup = self.destroy_vm(d, cid.as_str()).await;
+        creation_failed(e.with_cleanup(cleanup)).context(format!("creating VM {cid}"))
+    }
+
+    /// The stemcell, if this configuration can make VMs of it.
+    fn usable_stemcell(&self, req: &CreateVm, stemcell: StemcellInfo) -> Result<StemcellInfo> {
+        if stemcell.snapshotter == self.config.snapshotter {
+            return Ok(stemcell);
+        }
+        Err(ContainerdError::Refused(format!(
+            "stemcell {} was unpacked into the {} snapshotter, but containerd.snapshotter is \
+             now {}; delete and upload the stemcell again",
+            req.stemcell, stemcell.snapshotter, self.config.snapshotter
+        )))
     }
 
     /// Removes what killed calls left: leases of dead CPI processes (with the
@@ -270,74 +273,59 @@ impl ContainerdCpi {
         d: &Daemon,
         ctx: &CallContext,
         req: &CreateVm,
-        cid: &str,
+        (cid, paths): (&str, &VmPaths),
         stemcell: &StemcellInfo,
         init: Init,
         plan: &mut network::NetworkState,
         networks: &mut Networks,
-        lease: &mut Option<String>,
     ) -> Result<u32> {
-        let paths = self.vm_paths(cid);
-        // First, before anything else of the VM exists, the VM directory with the
-        // record a retry finds it by (on the blocking pool: it syncs), while the
-        // lease that will protect the VM's snapshot is taken. The lease is not the
-        // VM's: a later call removes it once this process is gone.
-        let vm_dir = {
-            let (paths, agent_id, ctx) = (paths.clone(), req.agent_id.to_string(), ctx.clone());
-            tokio::task::spawn_blocking(move || make_vm_dir(&paths, &agent_id, &ctx))
-        };
-        let (vm_dir, lease_id) = tokio::join!(
-            vm_dir,
-            content::create_lease(d, &self.config.labels, LEASE_EXPIRY_SECS)
-        );
-        if let Ok(id) = &lease_id {
-            *lease = Some(id.clone());
-        }
-        vm_dir.map_err(|e| ContainerdError::Refused(format!("making the VM directory: {e}")))??;
-        let lease_id = lease_id?;
-
-        {
-            // A stale reservation's take-over is check-then-act: one process at a time.
-            let _lock = crate::hostlock::acquire(
-                &self.config.state_dir,
-                crate::hostlock::Scope::Addresses,
-                std::time::Duration::from_secs(self.config.timeout_seconds),
-            )
-            .await?;
-            network::reserve_addresses(&self.config.state_dir, cid, &req.networks)?;
-        }
-        // The network (CNI plugin processes) and the root filesystem and container
-        // record (containerd requests) do not depend on each other: both at once.
-        // Only the settings need the network's addresses, and they are written into
-        // the snapshot after both. `join!`, so neither is cut short when the other
-        // fails: the cleanup then finds a complete state of each.
         let netns = network::cni::netns_path(&plan.netns);
-        let net = network::setup(
-            &self.config.state_dir,
-            &paths.network_state,
-            plan,
-            &self.config.cni_bin_dir,
-        );
+        // The host side: the addresses, then the network.
+        let host = async {
+            {
+                // A stale reservation's take-over is check-then-act: one process at a
+                // time.
+                let _lock = crate::hostlock::acquire(
+                    &self.config.state_dir,
+                    crate::hostlock::Scope::Addresses,
+                    std::time::Duration::from_secs(self.config.timeout_seconds),
+                )
+                .await?;
+                network::reserve_addresses(&self.config.state_dir, cid, &req.networks)?;
+            }
+            network::setup(
+                &self.config.state_dir,
+                &paths.network_state,
+                plan,
+                &self.config.cni_bin_dir,
+            )
+            .await
+        };
+        // The containerd side: the container record, then its snapshot. The record
+        // names the snapshot's key, which containerd validates nothing about, and
+        // holds the snapshot from the collector from the moment it exists: no lease
+        // is needed between the two (two metadata commits fewer than taking one and
+        // removing it). Neither side depends on the other's results: only the
+        // settings need the network's addresses, and they are written after both.
+        // `join!`, so neither is cut short when the other fails: the cleanup then
+        // finds a complete state of each.
         let rootfs = async {
+            self.create_container(d, ctx, req, cid, init, netns, paths)
+                .await?;
             let prepared = d
                 .call(
                     format!("Snapshots.Prepare {cid} on {}", stemcell.chain_id),
-                    d.snapshots().prepare(d.req_leased(
-                        PrepareSnapshotRequest {
-                            snapshotter: self.config.snapshotter.clone(),
-                            key: cid.to_owned(),
-                            parent: stemcell.chain_id.clone(),
-                            labels: labels::base(&self.config.labels),
-                        },
-                        &lease_id,
-                    )),
+                    d.snapshots().prepare(d.req(PrepareSnapshotRequest {
+                        snapshotter: self.config.snapshotter.clone(),
+                        key: cid.to_owned(),
+                        parent: stemcell.chain_id.clone(),
+                        labels: labels::base(&self.config.labels),
+                    })),
                 )
-                .await?;
-            self.create_container(d, ctx, req, cid, init, netns, &paths, &lease_id)
                 .await?;
             Ok::<_, ContainerdError>(prepared.mounts)
         };
-        let (net, rootfs) = tokio::join!(net, rootfs);
+        let (net, rootfs) = tokio::join!(host, rootfs);
         net?;
         let mounts = rootfs?;
         network::record_assigned(plan, networks);
@@ -353,24 +341,10 @@ impl ContainerdCpi {
         };
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);
-        // The container now holds its snapshot, so the lease that kept the snapshot
-        // from the collector until then can go. Its removal is a metadata commit in
-        // containerd (~7 ms here, seen with strace): done while the task starts
-        // rather than after. When it fails, the lease stays for the caller.
-        let release = async {
-            match lease.as_deref() {
-                Some(id) => content::delete_lease(d, id, false).await.is_ok(),
-                None => true,
-            }
-        };
-        let (started, released, copied) = tokio::join!(
-            start_task_with_files(d, cid, mounts, &paths, files),
-            release,
+        let (started, copied) = tokio::join!(
+            start_task_with_files(d, cid, mounts, paths, files),
             host_copy
         );
-        if released {
-            *lease = None;
-        }
         copied.map_err(|e| {
             ContainerdError::Refused(format!("writing the host copy of the settings: {e}"))
         })??;
@@ -392,7 +366,6 @@ impl ContainerdCpi {
         init: Init,
         netns: std::path::PathBuf,
         paths: &VmPaths,
-        lease_id: &str,
     ) -> Result<()> {
         let bounding = host::bounding_set()?;
         let (capabilities, unknown) = host::capabilities_of(bounding);
@@ -429,15 +402,21 @@ impl ContainerdCpi {
         };
         d.call(
             format!("Containers.Create {cid}"),
-            d.containers().create(d.req_leased(
-                CreateContainerRequest {
-                    container: Some(container),
-                },
-                lease_id,
-            )),
+            d.containers().create(d.req(CreateContainerRequest {
+                container: Some(container),
+            })),
         )
         .await?;
         Ok(())
+    }
+}
+
+/// A failure of `create_vm` as the director sees it: `VMCreationFailed` unless the
+/// error is one of the CPI's own kinds.
+fn creation_failed(e: ContainerdError) -> CpiError {
+    match e.kind() {
+        ErrorKind::CpiError | ErrorKind::NotSupported => e.into(),
+        _ => CpiError::vm_creation_failed(e.to_string(), e.is_transient()),
     }
 }
 
