@@ -606,6 +606,13 @@ pub async fn setup(
         .filter_map(|a| a.bridge_rules.as_ref())
         .collect();
     let name = state.netns.clone();
+    // The netlink-only interfaces are made with the namespace, on the same thread.
+    let links: Vec<(String, link::NativeLink)> = state
+        .attachments
+        .iter()
+        .filter(|a| a.is_netlink_only())
+        .filter_map(|a| Some((a.ifname.clone(), a.native.clone()?)))
+        .collect();
     let namespace = off_thread("creating the network namespace", move || {
         let netns = cni::netns_path(&name);
         if !is_netns(&netns) {
@@ -615,11 +622,14 @@ pub async fn setup(
             }
             add_netns(&name)?;
         }
+        for (ifname, native) in &links {
+            add_link(&netns, ifname, native, &name)?;
+        }
         Ok(())
     });
-    // The record, the host rules and the namespace do not depend on each other.
-    // `join!`, not `try_join!`: a failure of one must not cut the others short,
-    // whose result the caller's teardown then finds.
+    // The record, the host rules and the namespace with its netlink-only interfaces
+    // do not depend on each other. `join!`, not `try_join!`: a failure of one must
+    // not cut the others short, whose result the caller's teardown then finds.
     let (recorded, ruled, made) =
         tokio::join!(record, rules::ensure(state_dir, &bridges), namespace);
     recorded?;
@@ -635,18 +645,15 @@ pub async fn setup(
         let runtime = runtime_for(state, &a, bin_dir);
         let made = match &a.native {
             Some(native) => {
-                let (netns, ifname, link) =
-                    (runtime.netns.clone(), a.ifname.clone(), native.clone());
-                let vm = state.netns.clone();
-                off_thread("making an interface", move || {
-                    link::add(&netns, &ifname, &link).map_err(|source| ContainerdError::Link {
-                        action: "making",
-                        ifname,
-                        vm,
-                        source,
+                if !netlink_only {
+                    let (netns, ifname, link) =
+                        (runtime.netns.clone(), a.ifname.clone(), native.clone());
+                    let vm = state.netns.clone();
+                    off_thread("making an interface", move || {
+                        add_link(&netns, &ifname, &link, &vm)
                     })
-                })
-                .await?;
+                    .await?;
+                }
                 Some(native.result(&a.ifname, &runtime.netns))
             }
             None => None,
@@ -659,6 +666,16 @@ pub async fn setup(
         }
     }
     Ok(())
+}
+
+/// Makes interface `ifname` of VM `vm` over netlink in the namespace at `netns`.
+fn add_link(netns: &Path, ifname: &str, native: &link::NativeLink, vm: &str) -> Result<()> {
+    link::add(netns, ifname, native).map_err(|source| ContainerdError::Link {
+        action: "making",
+        ifname: ifname.to_owned(),
+        vm: vm.to_owned(),
+        source,
+    })
 }
 
 /// Runs DEL for every attachment whose ADD was started, in reverse; returns the
