@@ -80,11 +80,11 @@ target_dir=${target_dir:-$ROOT/target}
 if [ "$profile" = release ]; then
     # The `cpi` that ships (static, non-PIE; scripts/lib.sh), beside cpi-bench.
     CPI_BIN=$(build_release_cpi)
-    log "bench: cargo build --release -p cpi-tests --bin cpi-bench"
-    cargo build --release -p cpi-tests --bin cpi-bench >&2
+    log "bench: cargo build --release -p cpi-tests --bin cpi-bench --bin cpi-measure"
+    cargo build --release -p cpi-tests --bin cpi-bench --bin cpi-measure >&2
 else
-    log "bench: cargo build --profile $profile (cpi and cpi-bench)"
-    cargo build --profile "$profile" -p cpi-bin --bin cpi -p cpi-tests --bin cpi-bench >&2
+    log "bench: cargo build --profile $profile (cpi, cpi-bench and cpi-measure)"
+    cargo build --profile "$profile" -p cpi-bin --bin cpi -p cpi-tests --bin cpi-bench --bin cpi-measure >&2
     CPI_BIN="$target_dir/$profile_dir/cpi"
 fi
 export CPI_BIN

@@ -10,6 +10,7 @@
 //!   (the shared daemons are never restarted).
 //! - [`nested`]: the CPI and its daemon inside an outer CI container (nested runs).
 //! - [`systemd_stemcell`]: a real systemd stemcell (Debian, debootstrapped and cached).
+//! - [`measure_parent`]: the benchmark's measuring parent (`cpi-measure`).
 //!
 //! `bash scripts/test.sh` installs and starts everything these tests need.
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@
 pub mod conformance;
 pub mod crash;
 pub mod daemons;
+pub mod measure_parent;
 pub mod names;
 pub mod nested;
 pub mod private_daemon;

@@ -29,6 +29,10 @@ pub struct Machine {
     pub load_before: String,
     /// `/proc/loadavg` when the run ended.
     pub load_after: String,
+    /// Median peak RSS, KiB, that `/bin/true` reads as under the measuring parent: a
+    /// child never reads below its parent's RSS at the spawn, so no row can read lower
+    /// (`cpi_tests::measure_parent`). `None` when it could not be measured.
+    pub rss_floor_kib: Option<u64>,
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -95,6 +99,7 @@ impl Machine {
             cpi_bytes: std::fs::metadata(cpi_bin).map(|m| m.len()).unwrap_or(0),
             load_before: load_average(),
             load_after: String::new(),
+            rss_floor_kib: None,
         }
     }
 
@@ -120,6 +125,13 @@ impl Machine {
                 "load average: {} at the start, {} at the end",
                 self.load_before, self.load_after
             ),
+            match self.rss_floor_kib {
+                Some(kib) => format!(
+                    "peak RSS floor: /bin/true reads as {:.1} MiB under the measuring parent; no row reads lower",
+                    kib as f64 / 1024.0
+                ),
+                None => "peak RSS floor: not measured (/bin/true did not run)".to_owned(),
+            },
         ]
     }
 }

@@ -1,31 +1,17 @@
 //! Measuring one child process: wall time and peak RSS, the way the director runs the
 //! CPI (a fresh process, the request on stdin, only `PATH` and `TMPDIR` set).
 //!
-//! Peak RSS of a child is `ru_maxrss` of its rusage. The workspace forbids unsafe code,
-//! std has no `wait4`, and neither rustix nor nix exposes `wait4` with a rusage, so the
-//! bench re-executes itself as a tiny *measuring parent* (`cpi-bench __measure …`):
-//! that process spawns exactly one child, waits for it, and reads
-//! `getrusage(RUSAGE_CHILDREN)` (nix). With a single waited-for child, the maximum over
-//! "all children" *is* that child's own peak (plus any grandchild it waited for, such
-//! as CNI plugins on containerd's `create_vm`: the largest of them). The wall time is
-//! taken in the same process, from just before `spawn` to the return of a blocking
-//! `wait` (no polling), so the measuring parent's own start-up is not counted. It
-//! reports both on the last line of its stderr, which the bench strips.
-//!
-//! Reusing `getrusage(RUSAGE_CHILDREN)` in the bench process itself would be wrong:
-//! `ru_maxrss` there is the maximum over every child ever waited for, not a per-child
-//! figure.
+//! Each child runs under a *measuring parent*, the small `cpi-measure` binary beside
+//! `cpi-bench` ([`cpi_tests::measure_parent`]): it spawns exactly one child, waits for
+//! it, and reports wall time, `ru_maxrss` and CPU on the last line of its stderr, which
+//! the bench strips. Why a separate, small binary: see that module.
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-/// The argument that switches `cpi-bench` into measuring-parent mode.
-pub const MEASURE_ARG: &str = "__measure";
-
-/// The prefix of the measuring parent's report line on stderr.
-const REPORT_PREFIX: &str = "@cpi-bench-measure ";
+use cpi_tests::measure_parent::{Report, REPORT_PREFIX};
 
 /// What one measured child did.
 #[derive(Debug, Clone)]
@@ -44,22 +30,7 @@ pub struct Measured {
     pub stderr: String,
 }
 
-/// The environment a CPI gets from the director: `PATH` and `TMPDIR` only.
-pub fn director_env(cmd: &mut Command) -> &mut Command {
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| {
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
-            }),
-        )
-        .env(
-            "TMPDIR",
-            std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()),
-        )
-}
-
-/// Runs `program args` under a measuring parent (this binary in [`MEASURE_ARG`] mode)
+/// Runs `program args` under the measuring parent (`cpi-measure`, beside this binary)
 /// with `stdin` as its input.
 pub fn run(
     program: &Path,
@@ -68,8 +39,14 @@ pub fn run(
     timeout: Duration,
 ) -> Result<Measured, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find cpi-bench itself: {e}"))?;
-    let mut child = Command::new(&me)
-        .arg(MEASURE_ARG)
+    let parent = me.with_file_name("cpi-measure");
+    if !parent.is_file() {
+        return Err(format!(
+            "{} is missing: build it beside cpi-bench (cargo build -p cpi-tests --bin cpi-measure; scripts/bench.sh does)",
+            parent.display()
+        ));
+    }
+    let mut child = Command::new(&parent)
         .arg(timeout.as_secs().max(1).to_string())
         .arg(program)
         .args(args)
@@ -105,25 +82,6 @@ pub fn run(
     })
 }
 
-/// The numbers on a report line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Report {
-    wall: Duration,
-    max_rss_kib: u64,
-    cpu: Duration,
-    exit_code: i32,
-}
-
-fn format_report(r: &Report) -> String {
-    format!(
-        "{REPORT_PREFIX}wall_ns={} maxrss_kib={} cpu_ns={} exit={}",
-        r.wall.as_nanos(),
-        r.max_rss_kib,
-        r.cpu.as_nanos(),
-        r.exit_code
-    )
-}
-
 fn parse_report(line: &str) -> Option<Report> {
     let mut wall = None;
     let mut rss = None;
@@ -152,76 +110,6 @@ fn split_report(stderr: &str) -> Option<(&str, &str)> {
     let at = stderr.rfind(REPORT_PREFIX)?;
     let before = &stderr[..at];
     Some((before.strip_suffix('\n').unwrap_or(before), &stderr[at..]))
-}
-
-fn timeval(tv: nix::sys::time::TimeVal) -> Duration {
-    let secs = u64::try_from(tv.tv_sec()).unwrap_or(0);
-    let micros = u64::try_from(tv.tv_usec()).unwrap_or(0);
-    Duration::from_secs(secs) + Duration::from_micros(micros)
-}
-
-/// The measuring parent: `cpi-bench __measure <timeout_secs> <program> [args…]`.
-/// Spawns the program with this process's stdin, stdout and stderr and the director's
-/// environment, waits for it, and appends the report line to stderr.
-pub fn measuring_parent(args: &[String]) -> ExitCode {
-    let mut stderr = std::io::stderr();
-    let (Some(timeout), Some(program)) = (args.first(), args.get(1)) else {
-        let _ = writeln!(
-            stderr,
-            "usage: cpi-bench {MEASURE_ARG} <timeout_secs> <program> [args...]"
-        );
-        return ExitCode::from(2);
-    };
-    let timeout = Duration::from_secs(timeout.parse().unwrap_or(600));
-    let mut cmd = Command::new(program);
-    director_env(&mut cmd).args(&args[2..]);
-    let started = Instant::now();
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = writeln!(stderr, "cpi-bench: cannot start {program}: {e}");
-            return ExitCode::from(127);
-        }
-    };
-    // A watchdog kills a hung child; the blocking wait below stays exact.
-    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(timeout).is_err() {
-            if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    });
-    let status = child.wait();
-    let wall = started.elapsed();
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
-    let exit_code = match status {
-        Ok(s) => {
-            use std::os::unix::process::ExitStatusExt;
-            s.code()
-                .or_else(|| s.signal().map(|n| 128 + n))
-                .unwrap_or(-1)
-        }
-        Err(_) => -1,
-    };
-    let (max_rss_kib, cpu) =
-        match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
-            Ok(u) => (
-                u64::try_from(u.max_rss()).unwrap_or(0),
-                timeval(u.user_time()) + timeval(u.system_time()),
-            ),
-            Err(_) => (0, Duration::ZERO),
-        };
-    let line = format_report(&Report {
-        wall,
-        max_rss_kib,
-        cpu,
-        exit_code,
-    });
-    let _ = writeln!(stderr, "\n{line}");
-    ExitCode::SUCCESS
 }
 
 /// Median, minimum and maximum of a set of samples.
@@ -268,6 +156,7 @@ pub fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cpi_tests::measure_parent::format_report;
 
     #[test]
     fn stats_of_odd_and_even_counts() {
