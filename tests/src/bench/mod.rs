@@ -3,8 +3,8 @@
 //! operations issued directly by this program) measured in the same run. See
 //! `docs/performance.md` for what each row and floor is, and `scripts/bench.sh`.
 //!
-//! - [`measure`]: wall time and peak RSS of a child process (a measuring parent
-//!   re-executed from this binary), and the statistics.
+//! - [`measure`]: wall time and peak RSS of a child process (under the small
+//!   measuring parent `cpi-measure`, `cpi_tests::measure_parent`), and the statistics.
 //! - [`cpi`]: the CPI side; [`floor`] with [`docker`] and [`containerd`]: the floors,
 //!   with [`host`] for their mounts.
 //! - [`suite`]: the rows of one backend; [`report`]: table and JSON;
