@@ -277,19 +277,9 @@ impl Harness {
         let mut line = self.request(method, args).to_string().into_bytes();
         line.push(b'\n');
         let mut cmd = Command::new(&self.runner.bin);
-        cmd.arg("-configPath")
+        crate::measure_parent::director_env(&mut cmd)
+            .arg("-configPath")
             .arg(&self.runner.config)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| {
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
-                }),
-            )
-            .env(
-                "TMPDIR",
-                std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()),
-            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
