@@ -277,7 +277,7 @@ impl Harness {
         let mut line = self.request(method, args).to_string().into_bytes();
         line.push(b'\n');
         let mut cmd = Command::new(&self.runner.bin);
-        crate::measure_parent::director_env(&mut cmd)
+        crate::runner::director_env(&mut cmd)
             .arg("-configPath")
             .arg(&self.runner.config)
             .stdin(Stdio::piped())

@@ -25,21 +25,6 @@ use std::time::{Duration, Instant};
 /// The prefix of the measuring parent's report line on stderr.
 pub const REPORT_PREFIX: &str = "@cpi-bench-measure ";
 
-/// The environment a CPI gets from the director: `PATH` and `TMPDIR` only.
-pub fn director_env(cmd: &mut Command) -> &mut Command {
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| {
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
-            }),
-        )
-        .env(
-            "TMPDIR",
-            std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()),
-        )
-}
-
 /// The numbers on a report line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
@@ -84,7 +69,7 @@ pub fn measuring_parent(args: &[String]) -> ExitCode {
     };
     let timeout = Duration::from_secs(timeout.parse().unwrap_or(600));
     let mut cmd = Command::new(program);
-    director_env(&mut cmd).args(&args[2..]);
+    crate::runner::director_env(&mut cmd).args(&args[2..]);
     let started = Instant::now();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -107,15 +92,7 @@ pub fn measuring_parent(args: &[String]) -> ExitCode {
     let wall = started.elapsed();
     let _ = done_tx.send(());
     let _ = watchdog.join();
-    let exit_code = match status {
-        Ok(s) => {
-            use std::os::unix::process::ExitStatusExt;
-            s.code()
-                .or_else(|| s.signal().map(|n| 128 + n))
-                .unwrap_or(-1)
-        }
-        Err(_) => -1,
-    };
+    let exit_code = status.map_or(-1, crate::process::exit_code);
     let (max_rss_kib, cpu) =
         match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
             Ok(u) => (

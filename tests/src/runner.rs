@@ -282,16 +282,7 @@ impl CpiRunner {
     /// When the binary cannot be started at all.
     pub fn call_raw(&self, stdin: &[u8]) -> CpiResponse {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("-configPath").arg(&self.config).env_clear().env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| {
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
-            }),
-        );
-        cmd.env(
-            "TMPDIR",
-            std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()),
-        );
+        director_env(&mut cmd).arg("-configPath").arg(&self.config);
         if let Some(bt) = std::env::var_os("RUST_BACKTRACE") {
             cmd.env("RUST_BACKTRACE", bt);
         }
@@ -331,6 +322,22 @@ impl CpiRunner {
         }
         resp.result
     }
+}
+
+/// The environment a CPI gets from the director: `PATH` and `TMPDIR` only (both kept
+/// from this process, with the usual defaults when unset).
+pub fn director_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+            }),
+        )
+        .env(
+            "TMPDIR",
+            std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()),
+        )
 }
 
 #[cfg(test)]
