@@ -60,7 +60,8 @@ if r.get("error") or "result" not in r:
 print(json.dumps(r["result"]))' "$out" "$1 $2"
 }
 
-# profile NAME BACKEND METHOD ARGS_JSON: runs the call under callgrind.
+# profile NAME BACKEND METHOD ARGS_JSON: runs the call under callgrind; its answer
+# is in $work/NAME.out.
 profile() {
     printf '{"method":"%s","arguments":%s,"context":{"director_uuid":"link-order"},"api_version":2}' \
         "$3" "$4" >"$work/req.json"
@@ -72,6 +73,14 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 if r.get("error"):
     sys.exit("%s: %s" % (sys.argv[2], r["error"]["message"]))' "$work/$1.out" "$1"
+}
+
+# cid NAME: the cid a profiled create answered (create_vm: the list's first item).
+cid() {
+    python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))["result"]
+print(r[0] if isinstance(r, list) else r)' "$work/$1.out"
 }
 
 # A stemcell of busybox whose init sleeps: the VM must only stay up.
@@ -117,17 +126,15 @@ for b in docker containerd; do
     containerd) net=$(network bcpi-lo 10.197.1) ;;
     esac
     log "$b: profiling a VM's life"
+    # The files name what the clean-up must delete should a later step fail.
     profile "$b-create_stemcell" "$b" create_stemcell "[\"$work/image\",{}]"
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' \
-        "$work/$b-create_stemcell.out" >"$work/$b.stemcell"
+    cid "$b-create_stemcell" >"$work/$b.stemcell"
     stemcell=$(cat "$work/$b.stemcell")
     profile "$b-create_vm" "$b" create_vm "[\"agent-link-order\",\"$stemcell\",{},$net,[],{}]"
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"][0])' \
-        "$work/$b-create_vm.out" >"$work/$b.vm"
+    cid "$b-create_vm" >"$work/$b.vm"
     vm=$(cat "$work/$b.vm")
     profile "$b-create_disk" "$b" create_disk "[1024,{},\"$vm\"]"
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["result"])' \
-        "$work/$b-create_disk.out" >"$work/$b.disk"
+    cid "$b-create_disk" >"$work/$b.disk"
     disk=$(cat "$work/$b.disk")
     profile "$b-info" "$b" info "[]"
     profile "$b-has_vm" "$b" has_vm "[\"$vm\"]"
@@ -161,7 +168,7 @@ out, n_trivial, files = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 
 def functions(path):
     """The functions a callgrind profile ran ("fn=(id) name", later "fn=(id")."""
-    names, found = {}, []
+    names, found = {}, set()
     for line in open(path, errors="replace"):
         m = re.match(r"^c?fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
         if not m:
@@ -169,18 +176,20 @@ def functions(path):
         if m.group(2):
             names[m.group(1)] = m.group(2).split("'")[0]
         name = names.get(m.group(1))
-        if name in defined and name not in found:
-            found.append(name)
+        if name in defined:
+            found.add(name)
     return found
 
-seen, count, first = set(), {}, {}
+count, ran = {}, set()
 for i, path in enumerate(files):
     for name in functions(path):
         if i < n_trivial:
             count[name] = count.get(name, 0) + 1
-        first.setdefault(name, len(first))
-trivial = sorted(count, key=lambda n: (-count[n], first[n]))
-rest = sorted((n for n in first if n not in count), key=first.get)
+        ran.add(name)
+# Within a tier, by name: the order callgrind lists functions in varies from run to
+# run, and a sorted list only changes where the code did.
+trivial = sorted(count, key=lambda n: (-count[n], n))
+rest = sorted(ran - count.keys())
 with open(out, "w") as f:
     for name in trivial + rest:
         f.write(name + "\n")
