@@ -37,7 +37,8 @@ cleanup() {
         [ -f "$work/$b.cfg" ] || continue
         for what in disk vm stemcell; do
             [ -s "$work/$b.$what" ] || continue
-            call "$b" "delete_$what" "[\"$(cat "$work/$b.$what")\"]" >/dev/null
+            request "delete_$what" "[\"$(cat "$work/$b.$what")\"]" |
+                "$bin" -configPath "$work/$b.cfg" >/dev/null 2>&1
         done
     done
     docker network rm "$docker_net" >/dev/null 2>&1
@@ -47,24 +48,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# call BACKEND METHOD ARGS_JSON: the response's result (JSON), or die with its error.
-call() {
-    local out
-    out=$(printf '{"method":"%s","arguments":%s,"context":{"director_uuid":"link-order"},"api_version":2}' \
-        "$2" "$3" | "$bin" -configPath "$work/$1.cfg" 2>/dev/null) || true
-    python3 -c '
-import json, sys
-r = json.loads(sys.argv[1] or "{}")
-if r.get("error") or "result" not in r:
-    sys.exit("%s: %s" % (sys.argv[2], (r.get("error") or {}).get("message", "no response")))
-print(json.dumps(r["result"]))' "$out" "$1 $2"
+# request METHOD ARGS_JSON: a CPI request as the director sends it.
+request() {
+    printf '{"method":"%s","arguments":%s,"context":{"director_uuid":"link-order"},"api_version":2}' "$1" "$2"
 }
 
 # profile NAME BACKEND METHOD ARGS_JSON: runs the call under callgrind; its answer
 # is in $work/NAME.out.
 profile() {
-    printf '{"method":"%s","arguments":%s,"context":{"director_uuid":"link-order"},"api_version":2}' \
-        "$3" "$4" >"$work/req.json"
+    request "$3" "$4" >"$work/req.json"
     valgrind --tool=callgrind --demangle=no --callgrind-out-file="$work/$1.cg" \
         "$bin" -configPath "$work/$2.cfg" <"$work/req.json" >"$work/$1.out" 2>"$work/$1.vg" ||
         die "$1: valgrind failed: $(tail -3 "$work/$1.vg")"
