@@ -468,6 +468,12 @@ impl Floor for ContainerdFloor {
         Ok(started.elapsed())
     }
 
+    fn disk_round_trip(&mut self, _disk: &str) -> FloorResult<Duration> {
+        // The backend's disks are host directories with a record file: `has_disk`
+        // asks containerd nothing.
+        Ok(Duration::ZERO)
+    }
+
     fn learn(&mut self, vm: &str) -> FloorResult<()> {
         let container = self
             .rt
@@ -798,6 +804,8 @@ impl Floor for ContainerdFloor {
         match row {
             "info" => "fork+exec of /bin/true (info makes no daemon call)",
             "has_vm" => "fork+exec of /bin/true + new gRPC channel + Containers.Get",
+            "has_disk" => "fork+exec of /bin/true (has_disk reads the disk's record file: no daemon call)",
+            "get_disks" => "fork+exec of /bin/true + new gRPC channel + Containers.Get (the CPI also checks the VM's disk mount points)",
             "create_vm" => "mkdir + shared bind of the disks dir + Snapshots.Prepare + Containers.Create (the CPI VM's spec, no CNI) + Tasks.Create + Tasks.Start",
             "delete_vm" => "Tasks.Kill SIGTERM + Tasks.Wait + Tasks.Delete + Containers.Delete + Snapshots.Remove + umount + rm -r",
             "attach_disk" => "Containers.Get + Tasks.Get + mkdir + bind mount into the shared disks dir + 1 KiB write via /proc/<pid>/root",

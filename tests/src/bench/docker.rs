@@ -396,6 +396,19 @@ impl Floor for DockerFloor {
         Ok(started.elapsed())
     }
 
+    fn disk_round_trip(&mut self, disk: &str) -> FloorResult<Duration> {
+        let started = Instant::now();
+        self.rt.block_on(async {
+            let fresh = Docker::connect_with_unix(&self.socket, TIMEOUT_SECS, &self.version)
+                .map_err(err(format!("connecting to {}", self.socket)))?;
+            fresh
+                .inspect_volume(disk)
+                .await
+                .map_err(err(format!("GET /volumes/{disk}")))
+        })?;
+        Ok(started.elapsed())
+    }
+
     fn learn(&mut self, vm: &str) -> FloorResult<()> {
         let c = self
             .rt
@@ -661,6 +674,8 @@ impl Floor for DockerFloor {
         match row {
             "info" => "fork+exec of /bin/true (info makes no daemon call)",
             "has_vm" => "fork+exec of /bin/true + GET /containers/<vm>/json on a fresh connection",
+            "has_disk" => "fork+exec of /bin/true + GET /volumes/<disk> on a fresh connection",
+            "get_disks" => "fork+exec of /bin/true + GET /containers/<vm>/json on a fresh connection (the CPI also reads the host's mount table)",
             "create_vm" => "mkdir + POST /volumes/create + POST /containers/create (the CPI VM's Config and HostConfig) + start",
             "delete_vm" => "POST stop (t=10) + DELETE /containers/<id>?force=1 + DELETE /volumes/<eph> + rmdir",
             "attach_disk" => "GET container + GET volume + mkdir + bind mount into the shared disks dir + 1 KiB settings written in place into the VM's bound host file (archive PUT for a VM without one)",

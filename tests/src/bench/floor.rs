@@ -24,6 +24,10 @@ pub trait Floor {
     /// daemon).
     fn round_trip(&mut self, vm: &str) -> FloorResult<Duration>;
 
+    /// What `has_disk` needs of the daemon to find `disk`, over a fresh connection
+    /// (zero where the backend keeps its disks' records on the host).
+    fn disk_round_trip(&mut self, disk: &str) -> FloorResult<Duration>;
+
     /// Learns the VM template from `vm`, a running VM the CPI created.
     fn learn(&mut self, vm: &str) -> FloorResult<()>;
 

@@ -57,8 +57,8 @@ const USAGE: &str =
     "usage: cpi-bench [--quick] [--backend docker|containerd|all|fake] [--reps N] [--json PATH]
                  [--concurrency N] [--population N]
 
-Measures info, has_vm, create_vm, delete_vm, attach_disk, detach_disk, create_stemcell
-(~50 MB, ~500 MB and 1 GB images), N concurrent create_vm/delete_vm from one stemcell
+Measures info, has_vm, has_disk, create_vm, delete_vm, attach_disk, detach_disk, get_disks,
+create_stemcell (~50 MB, ~500 MB and 1 GB images), N concurrent create_vm/delete_vm from one stemcell
 (20), and has_vm, attach/detach, create/delete with N more VMs and disks present (100),
 through the real cpi binary (CPI_BIN, else target/debug/cpi), each beside its raw floor,
 and prints one table (stdout) and a JSON document (default target/bench.json).

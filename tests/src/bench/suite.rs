@@ -9,8 +9,10 @@
 //! |---|---|
 //! | `info` | `info` |
 //! | `has_vm` | `has_vm vm0` |
+//! | `has_disk` | `has_disk` of the disk |
 //! | `create_vm`, `delete_vm` | a VM on a manual network, then its deletion |
 //! | `attach_disk`, `detach_disk` | live attach and detach of the disk to `vm0` |
+//! | `get_disks` | `get_disks vm0` with the disk attached |
 //! | `create_stemcell_*` | import of a prebuilt stemcell (deleted, not timed) |
 
 use std::path::{Path, PathBuf};
@@ -315,39 +317,30 @@ fn rows(
     row.error = error;
     report.rows.push(row);
 
-    // has_vm: the process and one lookup.
-    let mut row = Row {
-        name: "has_vm".into(),
-        floor_does: describe(&floor, "has_vm"),
-        goal: Goal {
-            max_ms: Some(2.0),
-            max_rss_mib: Some(6.0),
-            ..Default::default()
+    // has_vm: the process and one container lookup.
+    let row = trivial_row(
+        cpi,
+        ("has_vm", json!([vm0]), json!(true)),
+        describe(&floor, "has_vm"),
+        opts,
+        || match floor.as_deref_mut() {
+            Some(f) => f.round_trip(&vm0),
+            None => Ok(Duration::ZERO),
         },
-        ..Default::default()
-    };
-    let mut go = || -> Result<(), String> {
-        for i in 0..=reps {
-            let (m, found) = cpi.measured("has_vm", json!([vm0]))?;
-            if found != json!(true) {
-                return Err(format!("has_vm {vm0} answered {found}"));
-            }
-            let f = measure::run(true_bin, &[], b"", timeout).map_err(|e| format!("floor: {e}"))?;
-            let rt = match floor.as_deref_mut() {
-                Some(fl) => fl.round_trip(&vm0).map_err(|e| format!("floor: {e}"))?,
-                None => Duration::ZERO,
-            };
-            if i == 0 {
-                continue; // warm-up
-            }
-            push(&mut row.cpi, &m);
-            row.floor.samples_ms.push(ms(f.wall + rt));
-            row.floor.rss_kib.push(f.max_rss_kib);
-        }
-        Ok(())
-    };
-    let error = go().err();
-    row.error = error;
+    );
+    report.rows.push(row);
+
+    // has_disk: the process and one disk lookup.
+    let row = trivial_row(
+        cpi,
+        ("has_disk", json!([disk]), json!(true)),
+        describe(&floor, "has_disk"),
+        opts,
+        || match (floor.as_deref_mut(), &floor_vm) {
+            (Some(f), Some((_, fdisk))) => f.disk_round_trip(fdisk),
+            _ => Ok(Duration::ZERO),
+        },
+    );
     report.rows.push(row);
 
     // create_vm and delete_vm, alternating which side goes first.
@@ -480,6 +473,31 @@ fn rows(
     report.rows.push(attach);
     report.rows.push(detach);
 
+    // get_disks of vm0 with the disk attached (attach and detach not timed).
+    let row = match cpi.call("attach_disk", json!([vm0, disk])) {
+        Ok(_) => {
+            let row = trivial_row(
+                cpi,
+                ("get_disks", json!([vm0]), json!([disk])),
+                describe(&floor, "get_disks"),
+                opts,
+                || match floor.as_deref_mut() {
+                    Some(f) => f.round_trip(&vm0),
+                    None => Ok(Duration::ZERO),
+                },
+            );
+            // The rows after this one attach the disk themselves.
+            cpi.call("detach_disk", json!([vm0, disk]))?;
+            row
+        }
+        Err(e) => Row {
+            name: "get_disks".into(),
+            error: Some(format!("attaching the disk first: {e}")),
+            ..Default::default()
+        },
+    };
+    report.rows.push(row);
+
     // create_stemcell of each size; each import is removed before the next one.
     for import in &stemcells.imports {
         let (name, sc, bytes) = (&import.name, &import.stemcell, &import.bytes);
@@ -543,6 +561,51 @@ fn rows(
         report,
     );
     population_rows(t, cpi, floor, ledger, opts, &stemcell, &vm0, &disk, report)
+}
+
+/// The row of a trivial call: `call` (method, arguments, the answer it must give) as a
+/// whole process, warm-up first, each repetition beside fork+exec of `/bin/true`
+/// plus `lookup`, the daemon round trip the call needs (a fresh connection, as a
+/// new process has). Target: 2 ms wall and 6 MiB peak RSS (issue 7).
+fn trivial_row(
+    cpi: &CpiSide<'_>,
+    call: (&str, Value, Value),
+    floor_does: String,
+    opts: &Options,
+    mut lookup: impl FnMut() -> Result<Duration, String>,
+) -> Row {
+    let (method, args, expect) = call;
+    let mut row = Row {
+        name: method.into(),
+        floor_does,
+        goal: Goal {
+            max_ms: Some(2.0),
+            max_rss_mib: Some(6.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let true_bin = Path::new("/bin/true");
+    let mut go = || -> Result<(), String> {
+        for i in 0..=opts.reps {
+            let (m, answer) = cpi.measured(method, args.clone())?;
+            if answer != expect {
+                return Err(format!("{method} {args} answered {answer}, not {expect}"));
+            }
+            let f = measure::run(true_bin, &[], b"", opts.timeout)
+                .map_err(|e| format!("floor: {e}"))?;
+            let rt = lookup().map_err(|e| format!("floor: {e}"))?;
+            if i == 0 {
+                continue; // warm-up
+            }
+            push(&mut row.cpi, &m);
+            row.floor.samples_ms.push(ms(f.wall + rt));
+            row.floor.rss_kib.push(f.max_rss_kib);
+        }
+        Ok(())
+    };
+    row.error = go().err();
+    row
 }
 
 /// The create_vm arguments of a VM at host part `host` of the run's subnet.
