@@ -183,6 +183,17 @@ impl DockerError {
         ) || self.status() == Some(404)
     }
 
+    /// Whether the daemon refused the API version the request was made with ("client
+    /// version 1.52 is too new. Maximum supported API version is 1.41", "... is too
+    /// old. Minimum supported ..."). The daemon checks the version before it routes
+    /// the request, so a refused request did nothing.
+    pub fn is_api_version_refused(&self) -> bool {
+        self.status() == Some(400)
+            && self.daemon_message().is_some_and(|m| {
+                m.contains("client version") && (m.contains("too new") || m.contains("too old"))
+            })
+    }
+
     /// Whether the daemon refused because of a conflict (name in use, object in use).
     pub fn is_conflict(&self) -> bool {
         self.status() == Some(409)
@@ -277,6 +288,20 @@ mod tests {
                 message: message.into(),
             },
         )
+    }
+
+    #[test]
+    fn a_refused_api_version_is_recognised() {
+        for refused in [
+            "client version 1.99 is too new. Maximum supported API version is 1.41",
+            "client version 1.10 is too old. Minimum supported API version is 1.12, please upgrade your client to a newer version",
+        ] {
+            assert!(server(400, refused).is_api_version_refused(), "{refused}");
+            assert!(!server(500, refused).is_api_version_refused(), "{refused}");
+        }
+        assert!(!server(400, "invalid reference format").is_api_version_refused());
+        assert!(!server(404, "No such container: c-1").is_api_version_refused());
+        assert!(!DockerError::VmNotFound("c-1".into()).is_api_version_refused());
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub struct DockerCpi {
     config: DockerConfig,
     agent: AgentOptions,
     client: OnceCell<Client>,
+    /// The lookups' connection, with a remembered API version (boxed: most calls
+    /// never make it, and the backend stays the size of one connection).
+    lookup_client: OnceCell<Box<Client>>,
     facts: OnceCell<DaemonFacts>,
 }
 
@@ -158,6 +161,7 @@ impl DockerCpi {
             config,
             agent,
             client: OnceCell::new(),
+            lookup_client: OnceCell::new(),
             facts: OnceCell::new(),
         })
     }
@@ -177,6 +181,37 @@ impl DockerCpi {
         self.client
             .get_or_try_init(|| Client::connect(&self.config))
             .await
+    }
+
+    /// Runs a read-only lookup (`has_vm`, `has_disk`, `get_disks`: the calls a
+    /// director makes most) on a client with the API version remembered from an
+    /// earlier call ([`Client::connect_remembered`]), saving the `/_ping`. If the
+    /// daemon refuses that version (it was upgraded or downgraded behind a socket
+    /// that outlived it), the lookup runs again on a client that asked the daemon,
+    /// which also remembers the new version. The refusal comes before the daemon
+    /// acts, so the lookup runs at most once in effect.
+    pub async fn lookup<'s, T, F, Fut>(&'s self, run: F) -> Result<T>
+    where
+        F: Fn(&'s Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let first = match self.client.get() {
+            Some(client) => client,
+            None => {
+                self.lookup_client
+                    .get_or_try_init(|| async {
+                        Client::connect_remembered(&self.config).await.map(Box::new)
+                    })
+                    .await?
+            }
+        };
+        match run(first).await {
+            Err(e) if first.remembered && e.is_api_version_refused() => {
+                tracing::info!(endpoint = %first.endpoint, error = %e, "the daemon refused the remembered API version; asking it again");
+                run(self.client().await?).await
+            }
+            done => done,
+        }
     }
 
     /// Facts about the daemon's host, read on first use.
@@ -266,8 +301,10 @@ impl Cpi for DockerCpi {
         if !cpi_core::ids::is_simple_name(cid.as_str()) {
             return Ok(false);
         }
-        let client = self.client().await?;
-        Ok(vm::lifecycle::find(client, cid.as_str()).await?.is_some())
+        let found = self
+            .lookup(|client| vm::lifecycle::find(client, cid.as_str()))
+            .await?;
+        Ok(found.is_some())
     }
 
     async fn reboot_vm(&self, ctx: &CallContext, cid: &VmCid) -> CpiResult<()> {
@@ -298,9 +335,10 @@ impl Cpi for DockerCpi {
         if !cpi_core::ids::is_simple_name(cid.as_str()) {
             return Ok(false);
         }
-        Ok(disk::find(self.client().await?, cid.as_str())
-            .await?
-            .is_some())
+        let found = self
+            .lookup(|client| disk::find(client, cid.as_str()))
+            .await?;
+        Ok(found.is_some())
     }
 
     async fn attach_disk(
@@ -322,7 +360,9 @@ impl Cpi for DockerCpi {
 
     async fn get_disks(&self, ctx: &CallContext, vm: &VmCid) -> CpiResult<Vec<DiskCid>> {
         check_simple("VM cid", vm.as_str())?;
-        Ok(disk::get_disks(self, ctx, vm).await?)
+        Ok(self
+            .lookup(|client| disk::get_disks(self, client, ctx, vm))
+            .await?)
     }
 
     async fn set_disk_metadata(

@@ -641,3 +641,103 @@ async fn connects_negotiates_and_picks_local_attach_beside_the_daemon() {
         .await
         .is_ok());
 }
+
+/// A new backend on the harness's config: a process of its own, as far as the
+/// connection is concerned.
+fn fresh_backend(h: &Harness) -> backend_docker::DockerCpi {
+    backend_docker::DockerCpi::new(h.cpi.config().clone(), h.cpi.agent().clone()).expect("backend")
+}
+
+/// The lookup client's API version and whether it was remembered.
+async fn lookup_version(cpi: &backend_docker::DockerCpi) -> ((usize, usize), bool) {
+    cpi.lookup(|c| async move { Ok((c.api_version(), c.remembered)) })
+        .await
+        .expect("lookup")
+}
+
+#[tokio::test]
+async fn lookups_use_the_remembered_api_version_and_recover_when_it_is_refused() {
+    use backend_docker::client::REMEMBERED_VERSION_FILE;
+    let h = Harness::new("dremember", AttachMode::Auto);
+    std::fs::create_dir_all(&h.state_dir).expect("state dir");
+    let file = h.state_dir.join(REMEMBERED_VERSION_FILE);
+    let server = cpi_tests::daemons::docker(&["version", "--format", "{{.Server.APIVersion}}"])
+        .expect_success();
+    let server = server.trim().to_owned();
+    let record = |file: &std::path::Path| -> Value {
+        serde_json::from_slice(&std::fs::read(file).expect("remembered file")).expect("json")
+    };
+    let rewrite = |field: &str, value: Value| {
+        let mut r = record(&file);
+        r[field] = value;
+        std::fs::write(&file, serde_json::to_vec(&r).expect("json")).expect("write");
+    };
+    let none = VmCid::new("c-none").expect("cid");
+
+    // Nothing remembered: the lookup asks the daemon, and remembers its answer.
+    let (_, remembered) = lookup_version(&fresh_backend(&h)).await;
+    assert!(!remembered);
+    assert_eq!(record(&file)["api_version"], json!(server), "{file:?}");
+
+    // Remembered for this socket: used without asking. A version one below the
+    // daemon's shows it is the remembered one that is used.
+    let (major, minor) = server.split_once('.').expect("version");
+    let lower = format!("{major}.{}", minor.parse::<usize>().expect("minor") - 1);
+    rewrite("api_version", json!(lower));
+    let cpi = fresh_backend(&h);
+    let (version, remembered) = lookup_version(&cpi).await;
+    assert!(remembered);
+    assert_eq!(format!("{}.{}", version.0, version.1), lower);
+    assert!(!cpi.has_vm(&h.ctx, &none).await.expect("has_vm"));
+
+    // Refused (the daemon was downgraded or upgraded behind the same socket): the
+    // lookups still answer, and the daemon's version is remembered again.
+    let no_disk = DiskCid::new("d-none").expect("cid");
+    for refused in ["1.99", "1.1"] {
+        for call in ["has_vm", "has_disk", "get_disks"] {
+            rewrite("api_version", json!(refused));
+            let cpi = fresh_backend(&h);
+            let (answer, expected) = match call {
+                "has_vm" => (
+                    format!("{:?}", cpi.has_vm(&h.ctx, &none).await),
+                    "Ok(false)",
+                ),
+                "has_disk" => (
+                    format!("{:?}", cpi.has_disk(&h.ctx, &no_disk).await),
+                    "Ok(false)",
+                ),
+                _ => (
+                    format!(
+                        "{:?}",
+                        cpi.get_disks(&h.ctx, &none).await.map_err(|e| e.kind)
+                    ),
+                    "Err(VmNotFound)",
+                ),
+            };
+            assert_eq!(answer, expected, "{call} with {refused} remembered");
+            assert_eq!(
+                record(&file)["api_version"],
+                json!(server),
+                "{call} after {refused}"
+            );
+        }
+    }
+
+    // Another socket (the daemon restarted and made its socket anew): not used.
+    rewrite(
+        "identity",
+        json!({"dev": 0, "ino": 0, "ctime": 0, "ctime_nsec": 0}),
+    );
+    let (_, remembered) = lookup_version(&fresh_backend(&h)).await;
+    assert!(!remembered);
+    assert_eq!(
+        record(&file)["identity"]["dev"].as_u64().map(|d| d > 0),
+        Some(true)
+    );
+    // Garbage: ignored, and replaced.
+    std::fs::write(&file, b"{not json").expect("write");
+    let (_, remembered) = lookup_version(&fresh_backend(&h)).await;
+    assert!(!remembered);
+    assert_eq!(record(&file)["api_version"], json!(server));
+    h.assert_clean();
+}

@@ -256,16 +256,30 @@ pub async fn detach_disk(
     Ok(())
 }
 
-/// `get_disks`: what is mounted for the VM.
-pub async fn get_disks(cpi: &DockerCpi, ctx: &CallContext, vm: &VmCid) -> Result<Vec<DiskCid>> {
-    let client = cpi.client().await?;
+/// `get_disks`: what is mounted for the VM. Takes the client because the lookups
+/// may run on one with a remembered API version ([`DockerCpi::lookup`]).
+pub async fn get_disks(
+    cpi: &DockerCpi,
+    client: &Client,
+    ctx: &CallContext,
+    vm: &VmCid,
+) -> Result<Vec<DiskCid>> {
     let info = lifecycle::require(client, vm.as_str()).await?;
     let mounter = cpi.mounter(client);
     let layout = cpi.layout(mounter)?;
-    let table = mount_table(cpi, client, ctx, mounter, &layout, Some(&info)).await?;
-    mounts::attached_disks(&table, &layout)
-        .remove(vm.as_str())
-        .unwrap_or_default()
+    let disks = match mounter {
+        // The VM's own mount points, not the host's whole mount table.
+        Mounter::Local => local::disks_of_vm(&layout, vm.as_str())?,
+        Mounter::Helper => {
+            let table = mount_table(cpi, client, ctx, mounter, &layout, Some(&info)).await?;
+            mounts::attached_disks(&table, &layout)
+                .remove(vm.as_str())
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        }
+    };
+    disks
         .into_iter()
         .map(|d| DiskCid::new(d).map_err(|e| DockerError::Invalid(e.message)))
         .collect()

@@ -64,6 +64,20 @@ pub fn vms_with_disk(layout: &StateLayout, disk: &str) -> Result<Vec<String>> {
     }
 }
 
+/// The disks mounted for VM `vm`: the entries of its disks directory that are mount
+/// points, by mount ids (a `statx` per entry), else from the mount table.
+pub fn disks_of_vm(layout: &StateLayout, vm: &str) -> Result<Vec<String>> {
+    let dir = layout.disks_dir(vm);
+    match cpi_hostfs::mount_points_in(&dir).map_err(|e| DockerError::io("listing", &dir, e))? {
+        Some(found) => Ok(found),
+        None => Ok(mounts::attached_disks(&read_mounts()?, layout)
+            .remove(vm)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()),
+    }
+}
+
 /// Whether disk `disk` is mounted for VM `vm`.
 pub fn is_attached(layout: &StateLayout, vm: &str, disk: &str) -> Result<bool> {
     match is_mount_point(&layout.disk_mount(vm, disk))? {
