@@ -92,6 +92,21 @@ async fn full_lifecycle_with_live_attach_and_reboot() {
         content.contains(&format!("containerd.io/uncompressed={diff_id}")),
         "{content}"
     );
+    // The blob is the image file as it is, under the digest containerd computed
+    // while storing it (the CPI does not hash a compressed image).
+    let blob = {
+        use sha2::Digest as _;
+        format!(
+            "sha256:{:x}",
+            sha2::Sha256::digest(std::fs::read(&image).expect("image"))
+        )
+    };
+    assert!(
+        content
+            .lines()
+            .any(|l| l.starts_with(&blob) && l.contains(&diff_id)),
+        "no blob {blob} labelled with {diff_id}: {content}"
+    );
     // (Another director's, or the retry of the first would adopt the first.)
     let other = cpi_core::CallContext {
         director_uuid: Some("director-other".into()),
@@ -115,6 +130,40 @@ async fn full_lifecycle_with_live_attach_and_reboot() {
         "both stemcells on one snapshot: {images}"
     );
     cpi.delete_stemcell(&other, &again)
+        .await
+        .expect("delete_stemcell");
+    // The same root filesystem as an uncompressed tar: the CPI hashes it (it is its
+    // own diff id, which labels the blob), and it lands on the same snapshot.
+    let plain_dir = env.scratch.path().join("plain-stemcell");
+    std::fs::create_dir_all(&plain_dir).expect("mkdir");
+    let manifest = image.with_file_name("stemcell.MF");
+    std::fs::copy(&manifest, plain_dir.join("stemcell.MF")).expect("manifest");
+    let plain = plain_dir.join("image");
+    std::io::copy(
+        &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&image).expect("image")),
+        &mut std::fs::File::create(&plain).expect("plain tar"),
+    )
+    .expect("gunzip the image");
+    let from_plain = cpi
+        .create_stemcell(
+            &other,
+            cpi_core::CreateStemcell {
+                image_path: plain.clone(),
+                cloud_properties: Default::default(),
+            },
+        )
+        .await
+        .expect("create_stemcell of a plain tar");
+    let content = env.ctr(&["content", "ls"]);
+    assert!(
+        content
+            .lines()
+            .any(|l| l.starts_with(&diff_id) && l.contains(&format!("uncompressed={diff_id}"))),
+        "no blob {diff_id} labelled as its own diff id: {content}"
+    );
+    let images = env.ctr(&["images", "ls"]);
+    assert_eq!(images.matches(&chain_label).count(), 2, "{images}");
+    cpi.delete_stemcell(&other, &from_plain)
         .await
         .expect("delete_stemcell");
 

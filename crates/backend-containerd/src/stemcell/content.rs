@@ -1,10 +1,10 @@
 //! containerd's content store, leases and unpacking, as the stemcell import uses them.
 //!
-//! A stemcell's `image` is streamed into the content store while the blob's digest
-//! (sha256 of the bytes as stored) is computed on the way. Its diff id (sha256 of
-//! the uncompressed tar) is what containerd answers when it applies the layer: the
-//! CPI does not decompress the image itself, which would double the work on the
-//! host's CPUs. Everything is written under a lease, so an import that dies halfway
+//! A stemcell's `image` is streamed into the content store, which computes the
+//! blob's digest (sha256 of the bytes as stored) as it writes them. Its diff id
+//! (sha256 of the uncompressed tar) is what containerd answers when it applies the
+//! layer: the CPI neither hashes nor decompresses a compressed image itself, which
+//! would double the work on the host's CPUs. Everything is written under a lease, so an import that dies halfway
 //! leaves nothing the garbage collector will not remove.
 
 use std::collections::HashMap;
@@ -203,24 +203,26 @@ async fn abort(d: &Daemon, reference: &str) {
         .await;
 }
 
-/// The digest of a file as read.
+/// A file as streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileDigests {
-    /// `sha256:` of the bytes.
-    pub digest: String,
+pub struct StreamedFile {
+    /// `sha256:` of the bytes, for an uncompressed file only: a plain tar is its own
+    /// diff id, which labels the blob as it is committed. A gzip file's digest is
+    /// the one containerd computes as it stores the bytes (see [`write_streamed`]).
+    pub plain_digest: Option<String>,
     /// Bytes read.
     pub size: u64,
     /// Whether it was gzip-compressed.
     pub gzip: bool,
 }
 
-/// Reads `reader` to the end in chunks, handing each to `sink`, and computes the
-/// digest on the way. Gzip is recognised by its magic bytes.
-pub fn hash_stream(
+/// Reads `reader` to the end in chunks, handing each to `sink`. Gzip is recognised
+/// by its magic bytes; anything else is hashed on the way.
+pub fn stream_file(
     mut reader: impl Read,
     mut sink: impl FnMut(Vec<u8>) -> std::io::Result<()>,
-) -> std::io::Result<FileDigests> {
-    let mut hasher = Sha256::new();
+) -> std::io::Result<StreamedFile> {
+    let mut hasher: Option<Sha256> = None;
     let mut size = 0u64;
     let mut gzip = None;
     loop {
@@ -238,41 +240,60 @@ pub fn hash_stream(
             break;
         }
         buf.truncate(filled);
-        gzip.get_or_insert_with(|| buf.starts_with(&[0x1f, 0x8b]));
-        hasher.update(&buf);
+        // containerd hashes what it stores: hashing a gzip file here too would only
+        // compete with it for the host's CPUs.
+        if !*gzip.get_or_insert_with(|| buf.starts_with(&[0x1f, 0x8b])) {
+            hasher.get_or_insert_with(Sha256::new).update(&buf);
+        }
         size += filled as u64;
         sink(buf)?;
     }
-    Ok(FileDigests {
-        digest: format!("sha256:{:x}", hasher.finalize()),
+    let gzip = gzip.unwrap_or(false);
+    Ok(StreamedFile {
+        plain_digest: (!gzip)
+            .then(|| format!("sha256:{:x}", hasher.unwrap_or_default().finalize())),
         size,
-        gzip: gzip.unwrap_or(false),
+        gzip,
     })
 }
 
-/// What the final message of a streamed write commits: containerd checks the digest
-/// and size against what it received.
+/// What the final message of a streamed write commits: containerd checks the size,
+/// and the digest when one is given, against what it received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
-    /// `sha256:<hex>` the content must have.
-    pub digest: String,
+    /// `sha256:<hex>` the content must have (a registry descriptor's), or `None` to
+    /// take the digest containerd computes as it stores the bytes.
+    pub digest: Option<String>,
     /// Its size in bytes.
     pub size: i64,
     /// Labels of the blob.
     pub labels: HashMap<String, String>,
 }
 
+/// A blob written by [`write_streamed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its digest.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: i64,
+}
+
 /// Streams `chunks` into the content store under `lease`. `finish` runs alongside
 /// and, once the producer of `chunks` is done, tells what to commit (the file
-/// reader's digests, or a registry descriptor's). Content that is already in the
-/// store is adopted (leased and labelled) instead.
+/// reader's size, or a registry descriptor's digest and size). Content that is
+/// already in the store is adopted (leased and labelled) instead.
+///
+/// containerd answers every message of the stream with the offset it has stored
+/// and the digest of the bytes so far; with no digest to expect, the digest is the
+/// one it answered once it had all the bytes.
 pub async fn write_streamed<T>(
     d: &Daemon,
     lease: &str,
     what: String,
     mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
     finish: impl std::future::Future<Output = Result<(Commit, T)>>,
-) -> Result<(Commit, T)> {
+) -> Result<(Stored, T)> {
     let reference = format!("bosh-cpi-{}", uuid::Uuid::new_v4());
     let (req_tx, req_rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
 
@@ -303,7 +324,7 @@ pub async fn write_streamed<T>(
             action: WriteAction::Commit as i32,
             r#ref: producer_ref.clone(),
             total: commit.size,
-            expected: commit.digest.clone(),
+            expected: commit.digest.clone().unwrap_or_default(),
             offset: commit.size,
             labels: commit.labels.clone(),
             ..Default::default()
@@ -318,6 +339,8 @@ pub async fn write_streamed<T>(
             req_rx,
             |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
         );
+    // The offset and digest of containerd's latest answer.
+    let mut answered: Option<(i64, String)> = None;
     let consumer = async {
         let call = async {
             let mut responses = d
@@ -325,7 +348,9 @@ pub async fn write_streamed<T>(
                 .write(d.req_leased(stream, lease))
                 .await?
                 .into_inner();
-            while responses.message().await?.is_some() {}
+            while let Some(r) = responses.message().await? {
+                answered = Some((r.offset, r.digest));
+            }
             Ok::<_, containerd_client::tonic::Status>(())
         };
         match tokio::time::timeout(d.long_timeout(), call).await {
@@ -339,12 +364,43 @@ pub async fn write_streamed<T>(
         }
     };
     let (produced, consumed) = tokio::join!(producer, consumer);
+    // The digest of all the bytes: the expected one, else containerd's answer once
+    // it had stored them all.
+    let digest_of = |commit: &Commit| {
+        commit.digest.clone().or_else(|| {
+            answered
+                .as_ref()
+                .filter(|(offset, digest)| *offset == commit.size && !digest.is_empty())
+                .map(|(_, digest)| digest.clone())
+        })
+    };
     match (produced, consumed) {
-        (Ok(done), Ok(())) => Ok(done),
+        (Ok((commit, extra)), Ok(())) => match digest_of(&commit) {
+            Some(digest) => Ok((
+                Stored {
+                    digest,
+                    size: commit.size,
+                },
+                extra,
+            )),
+            None => Err(ContainerdError::Refused(format!(
+                "Content.Write {what}: containerd committed the blob but answered no digest for its {} bytes",
+                commit.size
+            ))),
+        },
         (Ok((commit, extra)), Err(e)) if e.is_already_exists() => {
             abort(d, &reference).await;
-            adopt_existing(d, lease, &commit.digest, &commit.labels).await?;
-            Ok((commit, extra))
+            let Some(digest) = digest_of(&commit) else {
+                return Err(e);
+            };
+            adopt_existing(d, lease, &digest, &commit.labels).await?;
+            Ok((
+                Stored {
+                    digest,
+                    size: commit.size,
+                },
+                extra,
+            ))
         }
         (Err(e), _) | (Ok(_), Err(e)) => {
             abort(d, &reference).await;
@@ -370,7 +426,7 @@ pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<St
     let reader = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&file_path)
             .map_err(|e| ContainerdError::io("opening the stemcell image", &file_path, e))?;
-        hash_stream(std::io::BufReader::new(file), |chunk| {
+        stream_file(std::io::BufReader::new(file), |chunk| {
             chunk_tx
                 .blocking_send(chunk)
                 .map_err(|_| std::io::Error::other("the upload to containerd stopped"))
@@ -378,30 +434,30 @@ pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<St
         .map_err(|e| ContainerdError::io("reading the stemcell image", &file_path, e))
     });
     let finish = async {
-        let digests = reader
+        let file = reader
             .await
             .map_err(|e| ContainerdError::Refused(format!("reading the stemcell image: {e}")))??;
-        // A compressed blob gets its diff id label once containerd has applied it.
-        let blob_labels = if digests.gzip {
-            HashMap::new()
-        } else {
-            HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), digests.digest.clone())])
+        // A plain tar is its own diff id; a compressed blob gets its diff id label
+        // once containerd has applied it.
+        let blob_labels = match &file.plain_digest {
+            Some(digest) => HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), digest.clone())]),
+            None => HashMap::new(),
         };
         let commit = Commit {
-            digest: digests.digest.clone(),
-            size: digests.size as i64,
+            digest: file.plain_digest.clone(),
+            size: file.size as i64,
             labels: blob_labels,
         };
-        Ok((commit, digests))
+        Ok((commit, file.gzip))
     };
-    let (commit, digests) =
+    let (stored, gzip) =
         write_streamed(d, lease, path.display().to_string(), chunk_rx, finish).await?;
     Ok(StoredLayer {
-        diff_id: (!digests.gzip).then(|| commit.digest.clone()),
+        diff_id: (!gzip).then(|| stored.digest.clone()),
         blob: Blob {
-            media_type: if digests.gzip { LAYER_GZIP } else { LAYER_TAR }.into(),
-            digest: commit.digest,
-            size: commit.size,
+            media_type: if gzip { LAYER_GZIP } else { LAYER_TAR }.into(),
+            digest: stored.digest,
+            size: stored.size,
         },
     })
 }
@@ -620,38 +676,43 @@ mod tests {
     }
 
     #[test]
-    fn digest_of_a_gzip_stream_as_stored() {
+    fn a_gzip_stream_is_passed_on_whole_and_not_hashed() {
         let plain = vec![7u8; 3 * CHUNK + 17];
         let packed = gzip(&plain);
         let mut seen = Vec::new();
-        let d = hash_stream(&packed[..], |c| {
+        let d = stream_file(&packed[..], |c| {
             seen.extend_from_slice(&c);
             Ok(())
         })
-        .expect("hash");
+        .expect("stream");
         assert!(d.gzip);
         assert_eq!(seen, packed);
         assert_eq!(d.size, packed.len() as u64);
-        assert_eq!(d.digest, crate::stemcell::oci::sha256_digest(&packed));
+        assert_eq!(d.plain_digest, None);
     }
 
     #[test]
-    fn a_plain_tar_is_not_gzip() {
-        let d = hash_stream(&b"plain tar bytes"[..], |_| Ok(())).expect("hash");
+    fn a_plain_tar_is_hashed() {
+        let plain = vec![3u8; 2 * CHUNK + 5];
+        let d = stream_file(&plain[..], |_| Ok(())).expect("stream");
         assert!(!d.gzip);
         assert_eq!(
-            d.digest,
-            crate::stemcell::oci::sha256_digest(b"plain tar bytes")
+            d.plain_digest.as_deref(),
+            Some(crate::stemcell::oci::sha256_digest(&plain).as_str())
         );
-        let d = hash_stream(&b""[..], |_| Ok(())).expect("hash");
+        let d = stream_file(&b""[..], |_| Ok(())).expect("stream");
         assert!(!d.gzip);
         assert_eq!(d.size, 0);
+        assert_eq!(
+            d.plain_digest.as_deref(),
+            Some(crate::stemcell::oci::sha256_digest(b"").as_str())
+        );
     }
 
     #[test]
     fn a_stopped_sink_stops_the_read() {
         let data = vec![1u8; 2 * CHUNK];
-        let err = hash_stream(&data[..], |_| Err(std::io::Error::other("stop"))).expect_err("stop");
+        let err = stream_file(&data[..], |_| Err(std::io::Error::other("stop"))).expect_err("stop");
         assert_eq!(err.to_string(), "stop");
     }
 }

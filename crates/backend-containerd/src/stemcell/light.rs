@@ -282,7 +282,7 @@ impl ContainerdCpi {
                 .await
                 .map_err(|e| registry_error("fetching layer", &desc.digest, e))?;
             let commit = Commit {
-                digest: desc.digest.clone(),
+                digest: Some(desc.digest.clone()),
                 size: desc.size,
                 labels: HashMap::from([(labels::GC_UNCOMPRESSED.to_owned(), diff_id.clone())]),
             };
@@ -299,13 +299,13 @@ impl ContainerdCpi {
                 drop(tx);
                 Ok((commit, ()))
             };
-            let (commit, ()) =
+            let (stored, ()) =
                 content::write_streamed(d, lease, desc.digest.clone(), rx, finish).await?;
             layers.push(Layer {
                 blob: Blob {
                     media_type: desc.media_type.clone(),
-                    digest: commit.digest,
-                    size: commit.size,
+                    digest: stored.digest,
+                    size: stored.size,
                 },
                 diff_id: diff_id.clone(),
             });
