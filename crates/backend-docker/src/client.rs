@@ -125,8 +125,8 @@ impl Client {
         let (docker, tls_dir) = match &endpoint {
             Endpoint::Unix(path) => {
                 // The version from `/_ping` when the daemon says it (every supported
-                // Engine does); bollard's `/version` negotiation otherwise.
-                // The socket's identity before the ping: a daemon restarting in
+                // Engine does); bollard's `/version` negotiation otherwise. The
+                // socket's identity is taken before the ping: a daemon restarting in
                 // between is then remembered under the old socket, which no later
                 // call matches.
                 let identity = SocketIdentity::of(path);
@@ -134,19 +134,7 @@ impl Client {
                     if let Some(identity) = identity {
                         remember_version(&config.state_dir, path, identity, server);
                     }
-                    let version = lower_version(server, preferred);
-                    let docker = versioned(
-                        Docker::connect_with_unix(&path.to_string_lossy(), timeout, &version)
-                            .map_err(connect_err)?,
-                    );
-                    tracing::debug!(endpoint = %host_text, api_version = %docker.client_version(), "connected to Docker (API version from /_ping)");
-                    return Ok(Client {
-                        docker,
-                        endpoint: host_text,
-                        unix: true,
-                        remembered: false,
-                        _tls_dir: None,
-                    });
+                    return Self::on_socket(config, path, server, false);
                 }
                 (
                     Docker::connect_with_unix(&path.to_string_lossy(), timeout, &preferred)
@@ -235,29 +223,40 @@ impl Client {
     pub async fn connect_remembered(config: &DockerConfig) -> Result<Client> {
         if let Endpoint::Unix(path) = Endpoint::parse(&config.host)? {
             if let Some(server) = remembered_version(&config.state_dir, &path) {
-                let version = lower_version(server, preferred_version(config)?);
-                let docker = versioned(
-                    Docker::connect_with_unix(
-                        &path.to_string_lossy(),
-                        config.timeout_seconds.max(1),
-                        &version,
-                    )
-                    .map_err(|source| DockerError::Connect {
-                        endpoint: config.host.clone(),
-                        source,
-                    })?,
-                );
-                tracing::debug!(endpoint = %config.host, api_version = %docker.client_version(), "connected to Docker (API version remembered)");
-                return Ok(Client {
-                    docker,
-                    endpoint: config.host.clone(),
-                    unix: true,
-                    remembered: true,
-                    _tls_dir: None,
-                });
+                return Self::on_socket(config, &path, server, true);
             }
         }
         Self::connect(config).await
+    }
+
+    /// A client on the unix socket at `path` whose daemon speaks API `server`: the
+    /// lower of that and the configured version, in every request's path.
+    fn on_socket(
+        config: &DockerConfig,
+        path: &Path,
+        server: ClientVersion,
+        remembered: bool,
+    ) -> Result<Client> {
+        let version = lower_version(server, preferred_version(config)?);
+        let docker = versioned(
+            Docker::connect_with_unix(
+                &path.to_string_lossy(),
+                config.timeout_seconds.max(1),
+                &version,
+            )
+            .map_err(|source| DockerError::Connect {
+                endpoint: config.host.clone(),
+                source,
+            })?,
+        );
+        tracing::debug!(endpoint = %config.host, api_version = %docker.client_version(), remembered, "connected to Docker");
+        Ok(Client {
+            docker,
+            endpoint: config.host.clone(),
+            unix: true,
+            remembered,
+            _tls_dir: None,
+        })
     }
 
     /// Wraps a bollard error with the endpoint and what we were doing.
