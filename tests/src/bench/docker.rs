@@ -111,6 +111,13 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 impl DockerFloor {
+    /// A client of its own, as a new process has: its first request opens the
+    /// connection (the API version pinned, no `/version`).
+    fn fresh_client(&self) -> FloorResult<Docker> {
+        Docker::connect_with_unix(&self.socket, TIMEOUT_SECS, &self.version)
+            .map_err(err(format!("connecting to {}", self.socket)))
+    }
+
     /// Connects (negotiating the API version once) and reads the engine version.
     pub fn connect(
         rt: Arc<Runtime>,
@@ -386,9 +393,7 @@ impl Floor for DockerFloor {
     fn round_trip(&mut self, vm: &str) -> FloorResult<Duration> {
         let started = Instant::now();
         self.rt.block_on(async {
-            let fresh = Docker::connect_with_unix(&self.socket, TIMEOUT_SECS, &self.version)
-                .map_err(err(format!("connecting to {}", self.socket)))?;
-            fresh
+            self.fresh_client()?
                 .inspect_container(vm, None)
                 .await
                 .map_err(err(format!("GET /containers/{vm}/json")))
@@ -399,9 +404,7 @@ impl Floor for DockerFloor {
     fn disk_round_trip(&mut self, disk: &str) -> FloorResult<Duration> {
         let started = Instant::now();
         self.rt.block_on(async {
-            let fresh = Docker::connect_with_unix(&self.socket, TIMEOUT_SECS, &self.version)
-                .map_err(err(format!("connecting to {}", self.socket)))?;
-            fresh
+            self.fresh_client()?
                 .inspect_volume(disk)
                 .await
                 .map_err(err(format!("GET /volumes/{disk}")))

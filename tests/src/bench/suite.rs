@@ -323,10 +323,7 @@ fn rows(
         ("has_vm", json!([vm0]), json!(true)),
         describe(&floor, "has_vm"),
         opts,
-        || match floor.as_deref_mut() {
-            Some(f) => f.round_trip(&vm0),
-            None => Ok(Duration::ZERO),
-        },
+        || vm_lookup(&mut floor, &vm0),
     );
     report.rows.push(row);
 
@@ -481,10 +478,7 @@ fn rows(
                 ("get_disks", json!([vm0]), json!([disk])),
                 describe(&floor, "get_disks"),
                 opts,
-                || match floor.as_deref_mut() {
-                    Some(f) => f.round_trip(&vm0),
-                    None => Ok(Duration::ZERO),
-                },
+                || vm_lookup(&mut floor, &vm0),
             );
             // The rows after this one attach the disk themselves.
             cpi.call("detach_disk", json!([vm0, disk]))?;
@@ -561,6 +555,14 @@ fn rows(
         report,
     );
     population_rows(t, cpi, floor, ledger, opts, &stemcell, &vm0, &disk, report)
+}
+
+/// The floor's lookup of `vm` on a fresh connection (nothing without a daemon).
+fn vm_lookup(floor: &mut Option<&mut (dyn Floor + '_)>, vm: &str) -> Result<Duration, String> {
+    match floor.as_deref_mut() {
+        Some(f) => f.round_trip(vm),
+        None => Ok(Duration::ZERO),
+    }
 }
 
 /// The row of a trivial call: `call` (method, arguments, the answer it must give) as a
