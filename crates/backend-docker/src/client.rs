@@ -341,16 +341,7 @@ fn versioned(docker: Docker) -> Docker {
 fn with_version_prefix(uri: &http::Uri, prefix: &str) -> Option<http::Uri> {
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let first = uri.path().trim_start_matches('/').split('/').next()?;
-    let has_version = first
-        .strip_prefix('v')
-        .and_then(|v| v.split_once('.'))
-        .is_some_and(|(a, b)| {
-            !a.is_empty()
-                && !b.is_empty()
-                && a.bytes().all(|c| c.is_ascii_digit())
-                && b.bytes().all(|c| c.is_ascii_digit())
-        });
-    if has_version {
+    if first.starts_with('v') && parse_api_version(first).is_ok() {
         return None;
     }
     let mut parts = uri.clone().into_parts();
@@ -359,7 +350,7 @@ fn with_version_prefix(uri: &http::Uri, prefix: &str) -> Option<http::Uri> {
 }
 
 /// The API version `api_version` in the config asks for, or bollard's newest.
-fn preferred_version(config: &DockerConfig) -> Result<ClientVersion> {
+pub(crate) fn preferred_version(config: &DockerConfig) -> Result<ClientVersion> {
     match config
         .api_version
         .as_deref()

@@ -143,13 +143,7 @@ impl DockerCpi {
     /// the first call that needs one, so `info` stays cheap.
     pub fn new(config: DockerConfig, agent: AgentOptions) -> CpiResult<DockerCpi> {
         client::Endpoint::parse(&config.host).map_err(CpiError::from)?;
-        if let Some(v) = config
-            .api_version
-            .as_deref()
-            .filter(|v| !v.trim().is_empty())
-        {
-            client::parse_api_version(v).map_err(CpiError::from)?;
-        }
+        client::preferred_version(&config).map_err(CpiError::from)?;
         if !config.state_dir.is_absolute() {
             return Err(DockerError::Config(format!(
                 "state_dir {} must be an absolute path on the daemon's host",
