@@ -4,8 +4,8 @@
 //! blob's digest (sha256 of the bytes as stored) as it writes them. Its diff id
 //! (sha256 of the uncompressed tar) is what containerd answers when it applies the
 //! layer: the CPI neither hashes nor decompresses a compressed image itself, which
-//! would double the work on the host's CPUs. Everything is written under a lease, so an import that dies halfway
-//! leaves nothing the garbage collector will not remove.
+//! would double the work on the host's CPUs. Everything is written under a lease, so
+//! an import that dies halfway leaves nothing the garbage collector will not remove.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -212,8 +212,13 @@ pub struct StreamedFile {
     pub plain_digest: Option<String>,
     /// Bytes read.
     pub size: u64,
-    /// Whether it was gzip-compressed.
-    pub gzip: bool,
+}
+
+impl StreamedFile {
+    /// Whether it was gzip-compressed (the only kind not hashed).
+    pub fn gzip(&self) -> bool {
+        self.plain_digest.is_none()
+    }
 }
 
 /// Reads `reader` to the end in chunks, handing each to `sink`. Gzip is recognised
@@ -248,12 +253,10 @@ pub fn stream_file(
         size += filled as u64;
         sink(buf)?;
     }
-    let gzip = gzip.unwrap_or(false);
     Ok(StreamedFile {
-        plain_digest: (!gzip)
+        plain_digest: (!gzip.unwrap_or(false))
             .then(|| format!("sha256:{:x}", hasher.unwrap_or_default().finalize())),
         size,
-        gzip,
     })
 }
 
@@ -448,7 +451,7 @@ pub async fn write_layer_file(d: &Daemon, lease: &str, path: &Path) -> Result<St
             size: file.size as i64,
             labels: blob_labels,
         };
-        Ok((commit, file.gzip))
+        Ok((commit, file.gzip()))
     };
     let (stored, gzip) =
         write_streamed(d, lease, path.display().to_string(), chunk_rx, finish).await?;
@@ -685,7 +688,7 @@ mod tests {
             Ok(())
         })
         .expect("stream");
-        assert!(d.gzip);
+        assert!(d.gzip());
         assert_eq!(seen, packed);
         assert_eq!(d.size, packed.len() as u64);
         assert_eq!(d.plain_digest, None);
@@ -695,13 +698,13 @@ mod tests {
     fn a_plain_tar_is_hashed() {
         let plain = vec![3u8; 2 * CHUNK + 5];
         let d = stream_file(&plain[..], |_| Ok(())).expect("stream");
-        assert!(!d.gzip);
+        assert!(!d.gzip());
         assert_eq!(
             d.plain_digest.as_deref(),
             Some(crate::stemcell::oci::sha256_digest(&plain).as_str())
         );
         let d = stream_file(&b""[..], |_| Ok(())).expect("stream");
-        assert!(!d.gzip);
+        assert!(!d.gzip());
         assert_eq!(d.size, 0);
         assert_eq!(
             d.plain_digest.as_deref(),
