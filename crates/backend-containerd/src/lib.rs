@@ -98,6 +98,9 @@ mod orphans;
 pub mod stemcell;
 mod vm;
 
+#[doc(hidden)]
+pub use network::raw as raw_network;
+
 use std::time::Duration;
 
 use async_trait::async_trait;

@@ -3,15 +3,24 @@
 //!
 //! - VM template: `Containers.Get` of the CPI's VM; its OCI runtime spec is replayed
 //!   with the VM's name replaced by the floor VM's (hostname, cgroup path, per-VM
-//!   directories) and the network namespace path dropped (runc then makes a fresh,
-//!   empty one: the floor does no CNI), on a snapshot of the same parent.
+//!   directories, network namespace), on a snapshot of the same parent.
+//! - The VM's network: on containerd the CPI makes it (no daemon does), so the floor
+//!   makes it too, with the backend's own netlink calls and nothing around them
+//!   (`backend_containerd::raw_network`): the namespace (`lo` up), a veth on the run's
+//!   bridge with the VM's end in the namespace, its address (host parts 200..=254 of
+//!   the run's subnet, as the Docker floor's) and default route. Docker's floor gets
+//!   the same from dockerd inside its create and start. [`Floor::set_network`] turns
+//!   it off: the spec then drops the namespace path and runc makes a fresh, empty
+//!   one, as the floor did before 2026-12-07.
 //! - `create_vm` floor: `mkdir` of the per-VM directories, the disks directory made a
-//!   shared mount point (as the backend does), `Snapshots.Prepare` (labelled
-//!   `containerd.io/gc.root`, so no lease is needed), `Containers.Create`,
-//!   `Tasks.Create` (console to a file, as the backend), `Tasks.Start`.
+//!   shared mount point (as the backend does), the network beside `Snapshots.Prepare`
+//!   (labelled `containerd.io/gc.root`, so no lease is needed) and
+//!   `Containers.Create`, then `Tasks.Create` (console to a file, as the backend),
+//!   `Tasks.Start`.
 //! - `delete_vm` floor: `Tasks.Kill` SIGTERM (the test stemcell's init exits on it,
 //!   as with the backend), `Tasks.Wait`, `Tasks.Delete`, `Containers.Delete`,
-//!   `Snapshots.Remove`, unmount and `rm -r` of the per-VM directory.
+//!   `Snapshots.Remove`, the network namespace's removal (the kernel destroys the
+//!   veth), unmount and `rm -r` of the per-VM directory.
 //! - attach floor: `Containers.Get` (find the VM), `Tasks.Get` (its PID 1), `mkdir` +
 //!   bind mount of the disk directory into the VM's shared disks directory, and a
 //!   1 KiB settings file written through `/proc/<pid>/root`. Detach: the two gets,
@@ -23,7 +32,8 @@
 //!   blob and the snapshot.
 //! - has_vm floor: a new channel (connect) and one `Containers.Get`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,8 +74,11 @@ const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const RUN_LABEL: &str = "cpi-bench.run";
 
 struct Template {
-    /// The runtime spec JSON with [`NAME`] for the VM name.
+    /// The runtime spec JSON with [`NAME`] for the VM name (its network namespace is
+    /// `/var/run/netns/NAME`).
     spec: String,
+    /// The same without the network namespace's path (runc makes an empty one).
+    spec_without_network: String,
     type_url: String,
     image: String,
     runtime: Option<ContainerRuntime>,
@@ -82,6 +95,8 @@ struct Template {
 /// A floor VM about to be created.
 struct VmPlan {
     name: String,
+    /// Its address on the run's bridge, when the floor makes its network.
+    address: Option<ipnet::Ipv4Net>,
     dirs: Vec<PathBuf>,
     disks_dir: PathBuf,
     console: String,
@@ -101,7 +116,13 @@ pub struct ContainerdFloor {
     scratch: PathBuf,
     template: Option<Template>,
     counter: u32,
-    vms: BTreeSet<String>,
+    /// The run's subnet (`10.x.y`) and the bridge the backend made for it.
+    subnet_prefix: String,
+    bridge: String,
+    /// Whether the next VMs get a network ([`Floor::set_network`]).
+    with_network: bool,
+    /// Floor VMs alive, with their address's host part when they have a network.
+    vms: BTreeMap<String, Option<u8>>,
     leases: BTreeSet<String>,
     mounts: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
@@ -112,13 +133,15 @@ fn status(what: impl std::fmt::Display) -> impl FnOnce(Status) -> String {
 }
 
 impl ContainerdFloor {
-    /// Connects to `socket` and reads containerd's version.
+    /// Connects to `socket` and reads containerd's version. Floor VMs get addresses
+    /// in the run's subnet `subnet_prefix` (`10.x.y`, a /24).
     pub fn connect(
         rt: Arc<Runtime>,
         socket: &Path,
         namespace: &str,
         run: &str,
         scratch: &Path,
+        subnet_prefix: &str,
     ) -> FloorResult<ContainerdFloor> {
         let channel = rt
             .block_on(containerd_client::connect(socket))
@@ -141,7 +164,10 @@ impl ContainerdFloor {
             scratch: scratch.to_path_buf(),
             template: None,
             counter: 0,
-            vms: BTreeSet::new(),
+            subnet_prefix: subnet_prefix.to_owned(),
+            bridge: cpi_tests::daemons::cpi_bridge_name(&format!("{subnet_prefix}.0/24")),
+            with_network: true,
+            vms: BTreeMap::new(),
             leases: BTreeSet::new(),
             mounts: BTreeSet::new(),
             dirs: BTreeSet::new(),
@@ -264,14 +290,35 @@ impl ContainerdFloor {
         }
     }
 
-    /// Names a floor VM and records what it will own (not timed).
+    /// Names a floor VM, picks its address (when it gets a network) and records what
+    /// it will own (not timed).
     fn plan_vm(&mut self) -> FloorResult<VmPlan> {
         let name = self.next_name("fvm");
         let labels = self.labels();
+        // Floor VMs take host parts 200..=254 of the run's subnet (the CPI's VMs use
+        // 10..=199); a deleted VM's address is reused.
+        let host = if self.with_network {
+            let free = (200..=254u8).find(|h| !self.vms.values().any(|used| *used == Some(*h)));
+            Some(free.ok_or("no free floor address left in the run's subnet")?)
+        } else {
+            None
+        };
+        let address = host
+            .map(|h| {
+                format!("{}.{h}/24", self.subnet_prefix)
+                    .parse::<ipnet::Ipv4Net>()
+                    .map_err(|e| format!("floor address in {}: {e}", self.subnet_prefix))
+            })
+            .transpose()?;
         let t = self.template()?;
+        let spec_text = if address.is_some() {
+            &t.spec
+        } else {
+            &t.spec_without_network
+        };
         let spec = prost_types::Any {
             type_url: t.type_url.clone(),
-            value: t.spec.replace(NAME, &name).into_bytes(),
+            value: spec_text.replace(NAME, &name).into_bytes(),
         };
         let (dirs, vm_dirs, disks_dir) = Self::vm_paths(t, &name);
         let console = vm_dirs
@@ -296,10 +343,11 @@ impl ContainerdFloor {
             parent: t.parent.clone(),
             labels: snapshot_labels,
         };
-        self.vms.insert(name.clone());
+        self.vms.insert(name.clone(), host);
         self.dirs.extend(vm_dirs);
         Ok(VmPlan {
             name,
+            address,
             dirs,
             disks_dir,
             console,
@@ -315,17 +363,37 @@ impl ContainerdFloor {
             std::fs::create_dir_all(d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
         }
         host::make_shared_mount_point(&plan.disks_dir)?;
-        let prepared = SnapshotsClient::new(self.channel.clone())
-            .prepare(self.req(plan.prepare.clone()))
+        // The network on a blocking thread (netlink, a namespace) beside the two
+        // containerd requests, as the backend does.
+        let network = async {
+            let Some(address) = plan.address else {
+                return Ok(());
+            };
+            let (vm, bridge, gateway) = (name.clone(), self.bridge.clone(), self.gateway()?);
+            tokio::task::spawn_blocking(move || {
+                backend_containerd::raw_network::make(&vm, &bridge, address, gateway)
+                    .map_err(|e| format!("the network of {vm}: {e}"))
+            })
             .await
-            .map_err(status(format!("Snapshots.Prepare {name}")))?
-            .into_inner();
-        ContainersClient::new(self.channel.clone())
-            .create(self.req(CreateContainerRequest {
-                container: Some(plan.container.clone()),
-            }))
-            .await
-            .map_err(status(format!("Containers.Create {name}")))?;
+            .map_err(|e| format!("the network of {name}: {e}"))?
+        };
+        let container = async {
+            let prepared = SnapshotsClient::new(self.channel.clone())
+                .prepare(self.req(plan.prepare.clone()))
+                .await
+                .map_err(status(format!("Snapshots.Prepare {name}")))?
+                .into_inner();
+            ContainersClient::new(self.channel.clone())
+                .create(self.req(CreateContainerRequest {
+                    container: Some(plan.container.clone()),
+                }))
+                .await
+                .map_err(status(format!("Containers.Create {name}")))?;
+            Ok::<_, String>(prepared)
+        };
+        let (network, prepared) = tokio::join!(network, container);
+        network?;
+        let prepared = prepared?;
         let mut tasks = TasksClient::new(self.channel.clone());
         tasks
             .create(self.req(CreateTaskRequest {
@@ -363,11 +431,28 @@ impl ContainerdFloor {
         disks_dir: &Path,
     ) -> FloorResult<()> {
         self.remove_vm(vm, snapshotter).await?;
+        self.remove_network(vm)?;
         host::unbind(disks_dir)?;
         for d in vm_dirs {
             host::remove_dir_tree_unless_mounted(d)?;
         }
         Ok(())
+    }
+
+    /// Removes the network namespace of floor VM `vm`, if it has one.
+    fn remove_network(&self, vm: &str) -> FloorResult<()> {
+        if matches!(self.vms.get(vm), Some(Some(_))) {
+            backend_containerd::raw_network::remove(vm)
+                .map_err(|e| format!("removing the network namespace of {vm}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The run's gateway (host part 1), which the bridge holds.
+    fn gateway(&self) -> FloorResult<Ipv4Addr> {
+        format!("{}.1", self.subnet_prefix)
+            .parse()
+            .map_err(|e| format!("gateway of {}: {e}", self.subnet_prefix))
     }
 
     fn forget_vm(&mut self, vm: &str, vm_dirs: &[PathBuf]) {
@@ -490,10 +575,11 @@ impl Floor for ContainerdFloor {
             .ok_or_else(|| format!("container {vm} has no spec"))?;
         let mut spec: Value = serde_json::from_slice(&any.value)
             .map_err(|e| format!("the spec of {vm} is not JSON: {e}"))?;
-        fresh_network_namespace(&mut spec);
         let (dirs, disks_dir) = per_vm_binds(&spec, vm);
         let disks_dir = disks_dir.ok_or_else(|| format!("VM {vm} has no /warden-cpi-dev bind"))?;
         let text = spec.to_string().replace(vm, NAME);
+        fresh_network_namespace(&mut spec);
+        let text_without_network = spec.to_string().replace(vm, NAME);
         let snapshot = self
             .rt
             .block_on(SnapshotsClient::new(self.channel.clone()).stat(self.req(
@@ -514,6 +600,7 @@ impl Floor for ContainerdFloor {
         vm_dirs.dedup();
         self.template = Some(Template {
             spec: text,
+            spec_without_network: text_without_network,
             type_url: any.type_url,
             image: container.image,
             runtime: container.runtime,
@@ -531,6 +618,11 @@ impl Floor for ContainerdFloor {
         let started = Instant::now();
         self.rt.block_on(self.start_vm(&plan))?;
         Ok((plan.name, started.elapsed()))
+    }
+
+    fn set_network(&mut self, on: bool) -> bool {
+        self.with_network = on;
+        true
     }
 
     fn create_vms(&mut self, n: usize) -> FloorResult<(Vec<String>, Duration)> {
@@ -774,10 +866,14 @@ impl Floor for ContainerdFloor {
             .as_ref()
             .map(|t| t.snapshotter.clone())
             .unwrap_or_else(|| "overlayfs".into());
-        for vm in std::mem::take(&mut self.vms) {
+        for vm in self.vms.keys().cloned().collect::<Vec<_>>() {
             if let Err(e) = self.rt.block_on(self.remove_vm(&vm, &snapshotter)) {
                 failures.push(e);
             }
+            if let Err(e) = self.remove_network(&vm) {
+                failures.push(e);
+            }
+            self.vms.remove(&vm);
             if let Some(t) = &self.template {
                 let (_, _, disks) = Self::vm_paths(t, &vm);
                 for m in host::mounts_under(&disks) {
@@ -806,8 +902,8 @@ impl Floor for ContainerdFloor {
             "has_vm" => "fork+exec of /bin/true + new gRPC channel + Containers.Get",
             "has_disk" => "fork+exec of /bin/true (has_disk reads the disk's record file: no daemon call)",
             "get_disks" => "fork+exec of /bin/true + new gRPC channel + Containers.Get (the CPI also checks the VM's disk mount points)",
-            "create_vm" => "mkdir + shared bind of the disks dir + Snapshots.Prepare + Containers.Create (the CPI VM's spec, no CNI) + Tasks.Create + Tasks.Start",
-            "delete_vm" => "Tasks.Kill SIGTERM + Tasks.Wait + Tasks.Delete + Containers.Delete + Snapshots.Remove + umount + rm -r",
+            "create_vm" => "mkdir + shared bind of the disks dir + the VM's network over netlink (namespace, veth on the bridge, address, route; the backend's calls, no records) beside Snapshots.Prepare + Containers.Create (the CPI VM's spec), then Tasks.Create + Tasks.Start",
+            "delete_vm" => "Tasks.Kill SIGTERM + Tasks.Wait + Tasks.Delete + Containers.Delete + Snapshots.Remove + network namespace removal + umount + rm -r",
             "attach_disk" => "Containers.Get + Tasks.Get + mkdir + bind mount into the shared disks dir + 1 KiB write via /proc/<pid>/root",
             "detach_disk" => "Containers.Get + Tasks.Get + umount + rmdir + 1 KiB write via /proc/<pid>/root",
             _ if row.starts_with("create_stemcell") => "Leases.Create + Content.Write (1 MiB messages) + Snapshots.Prepare + Diff.Apply + Snapshots.Commit",

@@ -34,6 +34,15 @@ pub trait Floor {
     /// Creates and starts a VM like the template.
     fn create_vm(&mut self) -> FloorResult<(String, Duration)>;
 
+    /// Whether the VMs created next get their network. Only floors that make the
+    /// network themselves can leave it out (containerd, where the CPI makes it: this
+    /// shows what the floor read before it made it too); they answer `true`. Where the
+    /// daemon makes it inside its own create (Docker) this does nothing and answers
+    /// `false`.
+    fn set_network(&mut self, _on: bool) -> bool {
+        false
+    }
+
     /// Stops and removes a floor VM and what was made for it.
     fn delete_vm(&mut self, vm: &str) -> FloorResult<Duration>;
 

@@ -22,6 +22,7 @@
 pub mod cni;
 pub mod link;
 pub mod nft;
+pub mod raw;
 pub mod rules;
 
 use std::collections::BTreeMap;
