@@ -404,11 +404,11 @@ fn rows(
                         break;
                     }
                 }
-                match f.create_vm() {
-                    Ok((vm, took)) => {
-                        create.floor.samples_ms.push(ms(took));
-                        match f.wait_init(&vm).and_then(|()| f.delete_vm(&vm)) {
-                            Ok(took) => delete.floor.samples_ms.push(ms(took)),
+                match floor_create_delete(f, None) {
+                    Ok((took, deleted)) => {
+                        create.floor.samples_ms.push(took);
+                        match deleted {
+                            Ok(took) => delete.floor.samples_ms.push(took),
                             Err(e) => delete.error = Some(format!("floor: {e}")),
                         }
                     }
@@ -686,25 +686,38 @@ fn sample_without_network(
     if !f.set_network(false) {
         return None;
     }
-    let sample = match batch {
-        None => f.create_vm().and_then(|(vm, took)| {
-            f.wait_init(&vm)?;
-            Ok((took, f.delete_vm(&vm)?))
-        }),
-        Some(n) => f.create_vms(n).and_then(|(vms, took)| {
-            vms.iter().try_for_each(|vm| f.wait_init(vm))?;
-            Ok((took, f.delete_vms(&vms)?))
-        }),
-    };
+    let sample = floor_create_delete(f, batch).and_then(|(c, d)| Ok((c, d?)));
     f.set_network(true);
     match sample {
         Ok((c, d)) => {
-            creates.push(ms(c));
-            deletes.push(ms(d));
+            creates.push(c);
+            deletes.push(d);
             None
         }
         Err(e) => Some(format!("floor without the network: {e}")),
     }
+}
+
+/// One floor create (`batch`: `None` for one VM, `Some(n)` for `n` at once) and,
+/// once their inits catch SIGTERM, their delete: the create's milliseconds and the
+/// delete's, or the delete's failure; or the create's failure.
+fn floor_create_delete(
+    f: &mut dyn Floor,
+    batch: Option<usize>,
+) -> Result<(f64, Result<f64, String>), String> {
+    let (vms, took) = match batch {
+        None => f.create_vm().map(|(vm, took)| (vec![vm], took))?,
+        Some(n) => f.create_vms(n)?,
+    };
+    let deleted = vms
+        .iter()
+        .try_for_each(|vm| f.wait_init(vm))
+        .and_then(|()| match (batch, vms.as_slice()) {
+            (None, [vm]) => f.delete_vm(vm),
+            _ => f.delete_vms(&vms),
+        })
+        .map(ms);
+    Ok((ms(took), deleted))
 }
 
 /// What a row's floor read without the VMs' network (containerd, where the floor
@@ -839,12 +852,11 @@ fn concurrent_rows(
                         break 'reps;
                     }
                 }
-                match f.create_vms(n) {
-                    Ok((vms, took)) => {
-                        create.floor.samples_ms.push(ms(took));
-                        let ready = vms.iter().try_for_each(|vm| f.wait_init(vm));
-                        match ready.and_then(|()| f.delete_vms(&vms)) {
-                            Ok(took) => delete.floor.samples_ms.push(ms(took)),
+                match floor_create_delete(f, Some(n)) {
+                    Ok((took, deleted)) => {
+                        create.floor.samples_ms.push(took);
+                        match deleted {
+                            Ok(took) => delete.floor.samples_ms.push(took),
                             Err(e) => delete.error = Some(format!("floor: {e}")),
                         }
                     }
