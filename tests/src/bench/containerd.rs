@@ -59,7 +59,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::runtime::Runtime;
 
-use super::floor::{settings_stand_in, Floor, FloorResult, SETTINGS_IN_VM};
+use super::floor::{free_floor_host, settings_stand_in, Floor, FloorResult, SETTINGS_IN_VM};
 use super::host;
 
 const NAME: &str = "@@FLOOR_VM@@";
@@ -116,9 +116,11 @@ pub struct ContainerdFloor {
     scratch: PathBuf,
     template: Option<Template>,
     counter: u32,
-    /// The run's subnet (`10.x.y`) and the bridge the backend made for it.
+    /// The run's subnet (`10.x.y`), the bridge the backend made for it and the
+    /// gateway (host part 1) the bridge holds.
     subnet_prefix: String,
     bridge: String,
+    gateway: Ipv4Addr,
     /// Whether the next VMs get a network ([`Floor::set_network`]).
     with_network: bool,
     /// Floor VMs alive, with their address's host part when they have a network.
@@ -154,6 +156,9 @@ impl ContainerdFloor {
         let namespace = namespace
             .parse()
             .map_err(|_| format!("bad namespace {namespace:?}"))?;
+        let gateway = format!("{subnet_prefix}.1")
+            .parse()
+            .map_err(|e| format!("gateway of {subnet_prefix}: {e}"))?;
         Ok(ContainerdFloor {
             rt,
             channel,
@@ -166,6 +171,7 @@ impl ContainerdFloor {
             counter: 0,
             subnet_prefix: subnet_prefix.to_owned(),
             bridge: cpi_tests::daemons::cpi_bridge_name(&format!("{subnet_prefix}.0/24")),
+            gateway,
             with_network: true,
             vms: BTreeMap::new(),
             leases: BTreeSet::new(),
@@ -295,11 +301,10 @@ impl ContainerdFloor {
     fn plan_vm(&mut self) -> FloorResult<VmPlan> {
         let name = self.next_name("fvm");
         let labels = self.labels();
-        // Floor VMs take host parts 200..=254 of the run's subnet (the CPI's VMs use
-        // 10..=199); a deleted VM's address is reused.
         let host = if self.with_network {
-            let free = (200..=254u8).find(|h| !self.vms.values().any(|used| *used == Some(*h)));
-            Some(free.ok_or("no free floor address left in the run's subnet")?)
+            Some(free_floor_host(|h| {
+                self.vms.values().any(|used| *used == Some(h))
+            })?)
         } else {
             None
         };
@@ -369,7 +374,7 @@ impl ContainerdFloor {
             let Some(address) = plan.address else {
                 return Ok(());
             };
-            let (vm, bridge, gateway) = (name.clone(), self.bridge.clone(), self.gateway()?);
+            let (vm, bridge, gateway) = (name.clone(), self.bridge.clone(), self.gateway);
             tokio::task::spawn_blocking(move || {
                 backend_containerd::raw_network::make(&vm, &bridge, address, gateway)
                     .map_err(|e| format!("the network of {vm}: {e}"))
@@ -446,13 +451,6 @@ impl ContainerdFloor {
                 .map_err(|e| format!("removing the network namespace of {vm}: {e}"))?;
         }
         Ok(())
-    }
-
-    /// The run's gateway (host part 1), which the bridge holds.
-    fn gateway(&self) -> FloorResult<Ipv4Addr> {
-        format!("{}.1", self.subnet_prefix)
-            .parse()
-            .map_err(|e| format!("gateway of {}: {e}", self.subnet_prefix))
     }
 
     fn forget_vm(&mut self, vm: &str, vm_dirs: &[PathBuf]) {

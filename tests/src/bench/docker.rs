@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
-use super::floor::{settings_stand_in, Floor, FloorResult, SETTINGS_IN_VM};
+use super::floor::{free_floor_host, settings_stand_in, Floor, FloorResult, SETTINGS_IN_VM};
 use super::host;
 
 /// The label every floor object carries, with the run's director uuid as value (so the
@@ -215,11 +215,7 @@ impl DockerFloor {
     /// Names a floor VM, picks its address and records what it will own (not timed).
     fn plan_vm(&mut self) -> FloorResult<VmPlan> {
         let name = self.next_name("fvm");
-        // Floor VMs take host parts 200..=254 of the run's subnet (the CPI's VMs use
-        // 10..=139); a deleted VM's address is reused.
-        let host = (200..=254u8)
-            .find(|h| !self.vms.values().any(|used| used == h))
-            .ok_or("no free floor address left in the run's subnet")?;
+        let host = free_floor_host(|h| self.vms.values().any(|used| *used == h))?;
         let ip = format!("{}.{host}", self.subnet_prefix);
         let t = self.template()?;
         let mut body: Value = serde_json::from_str(&t.body.replace(NAME, &name))

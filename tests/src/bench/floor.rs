@@ -14,6 +14,15 @@ use std::time::Duration;
 /// What a floor failure says.
 pub type FloorResult<T> = Result<T, String>;
 
+/// The host part of a floor VM's address in the run's subnet: the first of 200..=254
+/// (the CPI's VMs use 10..=199) that `taken` says no live floor VM holds, so a
+/// deleted VM's address is reused.
+pub fn free_floor_host(taken: impl Fn(u8) -> bool) -> FloorResult<u8> {
+    (200..=254u8)
+        .find(|h| !taken(*h))
+        .ok_or_else(|| "no free floor address left in the run's subnet".to_owned())
+}
+
 /// The floor operations of one backend. Timed methods return the time of the daemon
 /// work only (set-up that the CPI call does not do is outside it).
 pub trait Floor {
@@ -114,5 +123,12 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
             assert_eq!(v["disks"]["persistent"].get("vol-1").is_some(), attached);
         }
+    }
+
+    #[test]
+    fn floor_hosts_are_the_first_free_of_200_to_254() {
+        assert_eq!(free_floor_host(|_| false), Ok(200));
+        assert_eq!(free_floor_host(|h| h == 200 || h == 201), Ok(202));
+        assert!(free_floor_host(|_| true).is_err());
     }
 }
