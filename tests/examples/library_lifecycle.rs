@@ -216,15 +216,24 @@ impl Backend {
                 let bridge: String = std::iter::once("bcpi".to_owned())
                     .chain(hash.iter().take(5).map(|b| format!("{b:02x}")))
                     .collect();
+                // `delete_vm` leaves a VM's interfaces to the kernel, which destroys
+                // them shortly after the namespace goes: give it a few seconds.
                 let members = Path::new("/sys/class/net").join(&bridge).join("brif");
-                if let Ok(mut entries) = std::fs::read_dir(&members) {
-                    if entries.next().is_none() {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                let plugged =
+                    || std::fs::read_dir(&members).map(|mut entries| entries.next().is_some());
+                while matches!(plugged(), Ok(true)) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                match plugged() {
+                    Ok(false) => {
                         let _ = std::process::Command::new("ip")
                             .args(["link", "delete", &bridge])
                             .status();
-                    } else {
-                        errors.push(format!("bridge {bridge} still has interfaces"));
                     }
+                    Ok(true) => errors.push(format!("bridge {bridge} still has interfaces")),
+                    // No bridge: the VM never got that far.
+                    Err(_) => {}
                 }
             }
         }
