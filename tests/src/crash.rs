@@ -20,10 +20,11 @@
 //! - Docker: containers, volumes and images labelled with the run's director uuid;
 //! - containerd: containers, tasks, images, snapshots, leases and content in the
 //!   namespace;
-//! - both: the per-VM directories, address reservations, host-local allocations and
-//!   mounts under the state directory, network namespaces and `/var/lib/cni/networks`
-//!   allocations of every VM cid the trial saw (in the killed process's log or in the
-//!   state directory right after the kill).
+//! - both: the per-VM directories (and containerd's index of them by owner), address
+//!   reservations, host-local allocations and mounts under the state directory,
+//!   network namespaces and `/var/lib/cni/networks` allocations of every VM cid the
+//!   trial saw (in the killed process's log or in the state directory right after
+//!   the kill).
 //!
 //! The short mode runs in CI (`tests/tests/crash_safety.rs`); the long one is the
 //! `cpi-crash` command (`bash scripts/soak.sh`). See `docs/reliability.md`.
@@ -445,6 +446,25 @@ impl Harness {
             if let Ok(entries) = std::fs::read_dir(self.state_dir.join(sub)) {
                 for e in entries.flatten() {
                     found.insert(format!("state {sub}: {}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        // containerd's index of VM directories by owner, `agents/<key>/<cid>` (the
+        // `.indexed` mark stays once made).
+        if let Ok(keys) = std::fs::read_dir(self.state_dir.join("agents")) {
+            for key in keys.flatten().filter(|k| k.path().is_dir()) {
+                let key_name = key.file_name().to_string_lossy().into_owned();
+                let entries: Vec<String> = std::fs::read_dir(key.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                if entries.is_empty() {
+                    found.insert(format!("state agents: {key_name}/ (empty)"));
+                }
+                for entry in entries {
+                    found.insert(format!("state agents: {key_name}/{entry}"));
                 }
             }
         }

@@ -705,3 +705,86 @@ async fn failed_create(
     assert!(!netns.contains(&cid), "{netns}");
     cid
 }
+
+/// The director retries a `create_vm` that never answered with the same agent id: the
+/// retry removes the earlier attempt, found by name in the state directory's index
+/// (`agents/<key>/<cid>`), also when the earlier attempt was made before the index
+/// existed (an upgraded CPI) and its owner record lists no addresses.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_create_vm_replaces_its_earlier_attempt() {
+    const RETRY_SUBNET: &str = "10.231.27.0/24";
+    let env = TestEnv::new("retry", &[RETRY_SUBNET]);
+    let (cpi, ctx) = (&env.cpi, &env.ctx);
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let networks = Networks::parse(
+        &json!({"default": {"type": "manual", "ip": "10.231.27.10", "netmask": "255.255.255.0",
+        "gateway": "10.231.27.1", "default": ["dns", "gateway"]}}),
+    )
+    .expect("networks");
+    let create = || {
+        cpi.create_vm(
+            ctx,
+            create_vm_req(&stemcell, "retried", networks.clone(), json!({})),
+        )
+    };
+    let index = env.state_dir.join("agents");
+    let entries = || -> Vec<String> {
+        common::files_below(&index)
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n != ".indexed"))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    };
+    let reservation = env.state_dir.join("cni/reservations/10.231.27.10");
+
+    let first = create().await.expect("create_vm").cid;
+    assert_eq!(entries(), vec![first.to_string()]);
+    let second = create().await.expect("the retry").cid;
+    assert_ne!(first, second);
+    assert!(
+        !cpi.has_vm(ctx, &first).await.expect("has_vm"),
+        "the earlier attempt stays"
+    );
+    assert!(cpi.has_vm(ctx, &second).await.expect("has_vm"));
+    assert_eq!(entries(), vec![second.to_string()]);
+    assert_eq!(
+        std::fs::read_to_string(&reservation).expect("reservation"),
+        second.as_str()
+    );
+
+    // As an older CPI left it: no index, and an owner record without addresses.
+    std::fs::remove_dir_all(&index).expect("rm index");
+    let owner_path = env
+        .state_dir
+        .join("vms")
+        .join(second.as_str())
+        .join("owner.json");
+    let mut owner: Value =
+        serde_json::from_slice(&std::fs::read(&owner_path).expect("owner")).expect("owner json");
+    assert_eq!(owner["addresses"], json!(["10.231.27.10"]));
+    owner.as_object_mut().expect("object").remove("addresses");
+    std::fs::write(&owner_path, serde_json::to_vec(&owner).expect("json")).expect("write owner");
+
+    let third = create().await.expect("the retry after an upgrade").cid;
+    assert!(
+        !cpi.has_vm(ctx, &second).await.expect("has_vm"),
+        "the earlier attempt stays"
+    );
+    assert!(
+        index.join(".indexed").is_file(),
+        "the index is not marked complete"
+    );
+    assert_eq!(entries(), vec![third.to_string()]);
+    assert_eq!(
+        std::fs::read_to_string(&reservation).expect("reservation"),
+        third.as_str()
+    );
+
+    cpi.delete_vm(ctx, &third).await.expect("delete_vm");
+    assert!(entries().is_empty());
+    assert!(!reservation.exists());
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    env.assert_clean(&[first.to_string(), second.to_string(), third.to_string()]);
+}

@@ -378,14 +378,9 @@ pub fn reservations_dir(state_dir: &Path) -> PathBuf {
 pub fn reserve_addresses(state_dir: &Path, vm_cid: &str, networks: &Networks) -> Result<()> {
     let dir = reservations_dir(state_dir);
     crate::fsutil::create_dirs(&dir, true)?;
-    let addresses: Vec<IpAddr> = networks
-        .iter()
-        .filter(|n| n.kind == NetworkType::Manual)
-        .filter_map(|n| n.ip())
-        .collect();
-    for ip in addresses {
+    for ip in manual_addresses(networks) {
         if let Err(e) = reserve_one(state_dir, &dir, vm_cid, ip) {
-            release_addresses(state_dir, vm_cid);
+            release_addresses(state_dir, vm_cid, Some(&manual_addresses(networks)));
             return Err(e);
         }
     }
@@ -431,15 +426,37 @@ fn reserve_one(state_dir: &Path, dir: &Path, vm_cid: &str, ip: IpAddr) -> Result
     )))
 }
 
-/// Releases every address reserved for `vm_cid`.
-pub fn release_addresses(state_dir: &Path, vm_cid: &str) -> Vec<String> {
+/// The addresses [`reserve_addresses`] reserves for `networks`: the manual
+/// networks' (a VM's owner record lists them, see [`release_addresses`]).
+pub fn manual_addresses(networks: &Networks) -> Vec<IpAddr> {
+    networks
+        .iter()
+        .filter(|n| n.kind == NetworkType::Manual)
+        .filter_map(|n| n.ip())
+        .collect()
+}
+
+/// Releases every address reserved for `vm_cid`: those its owner record lists
+/// (`recorded`), else, for a VM recorded before they were, whichever reservations
+/// name it (every reservation is read).
+pub fn release_addresses(
+    state_dir: &Path,
+    vm_cid: &str,
+    recorded: Option<&[IpAddr]>,
+) -> Vec<String> {
     let dir = reservations_dir(state_dir);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
+    let candidates: Vec<PathBuf> = match recorded {
+        Some(addresses) => addresses
+            .iter()
+            .map(|ip| dir.join(ip.to_string()))
+            .collect(),
+        None => match std::fs::read_dir(&dir) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => return Vec::new(),
+        },
     };
     let mut failures = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
+    for path in candidates {
         if std::fs::read_to_string(&path)
             .map(|o| o.trim() == vm_cid)
             .unwrap_or(false)
@@ -1189,10 +1206,21 @@ mod tests {
         // A reservation whose VM directory is gone is stale and taken over.
         std::fs::remove_dir_all(state.join("vms/vm-a")).expect("rm");
         reserve_addresses(&state, "vm-b", &n).expect("take over");
-        assert!(release_addresses(&state, "vm-a").is_empty());
+        let recorded = manual_addresses(&n);
+        assert_eq!(recorded, vec!["10.9.0.5".parse::<IpAddr>().expect("ip")]);
+        // By the owner record's list, and by reading every reservation (a VM
+        // recorded before the list was): neither removes another VM's.
+        assert!(release_addresses(&state, "vm-a", Some(&recorded)).is_empty());
+        assert!(release_addresses(&state, "vm-a", None).is_empty());
         assert!(reservations_dir(&state).join("10.9.0.5").exists());
-        assert!(release_addresses(&state, "vm-b").is_empty());
+        assert!(release_addresses(&state, "vm-b", Some(&recorded)).is_empty());
         assert!(!reservations_dir(&state).join("10.9.0.5").exists());
+        reserve_addresses(&state, "vm-b", &n).expect("again");
+        assert!(release_addresses(&state, "vm-b", None).is_empty());
+        assert!(!reservations_dir(&state).join("10.9.0.5").exists());
+        // The list names only what to look at: an address listed but reserved by
+        // nobody is no failure.
+        assert!(release_addresses(&state, "vm-b", Some(&recorded)).is_empty());
         std::fs::remove_dir_all(&state).expect("rm");
     }
 

@@ -164,8 +164,17 @@ impl ContainerdCpi {
         // left, and, before anything else of the VM exists, its directory with the
         // record a retry finds it by (on the blocking pool, as it syncs).
         let vm_dir = {
-            let (paths, agent_id, ctx) = (paths.clone(), req.agent_id.to_string(), ctx.clone());
-            tokio::task::spawn_blocking(move || make_vm_dir(&paths, &agent_id, &ctx))
+            let owner = crate::orphans::VmOwner::of_call(
+                req.agent_id.as_str(),
+                ctx,
+                network::manual_addresses(&req.networks),
+            );
+            let (state_dir, cid, paths) = (
+                self.config.state_dir.clone(),
+                cid.to_string(),
+                paths.clone(),
+            );
+            tokio::task::spawn_blocking(move || make_vm_dir(&state_dir, &cid, &paths, &owner))
         };
         let (stemcell, cleared, vm_dir) = tokio::join!(
             stemcell_info(d, req.stemcell.as_str()),
@@ -422,8 +431,13 @@ fn creation_failed(e: ContainerdError) -> CpiError {
 
 /// Makes the VM directory with its owner record, and the directories and shared
 /// mount point below it that the container's spec names.
-fn make_vm_dir(paths: &VmPaths, agent_id: &str, ctx: &CallContext) -> Result<()> {
-    crate::orphans::create_vm_dir(&paths.dir, agent_id, ctx)?;
+fn make_vm_dir(
+    state_dir: &std::path::Path,
+    cid: &str,
+    paths: &VmPaths,
+    owner: &crate::orphans::VmOwner,
+) -> Result<()> {
+    crate::orphans::create_vm_dir(state_dir, cid, owner)?;
     crate::fsutil::create_dirs(&paths.data, false)?;
     crate::fsutil::create_dirs(&paths.disks, false)?;
     crate::fsutil::create_dirs(&paths.rootfs, true)?;

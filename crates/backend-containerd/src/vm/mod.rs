@@ -311,13 +311,23 @@ impl ContainerdCpi {
                 (self.config.state_dir.clone(), paths.clone(), cid.to_owned());
             let rest = tokio::task::spawn_blocking(move || {
                 let (paths, cid) = (vm_paths, vm);
-                let mut failures = network::release_addresses(&state_dir, &cid);
+                let owner = crate::orphans::read_owner(&paths.dir);
+                let mut failures = network::release_addresses(
+                    &state_dir,
+                    &cid,
+                    owner.as_ref().and_then(|o| o.addresses.as_deref()),
+                );
                 failures.extend(crate::disk::release_vm_disks(&state_dir, &paths));
                 match mount::unmount_all_under(&paths.dir) {
                     Ok(f) => failures.extend(f),
                     Err(e) => failures.push(e.to_string()),
                 }
-                failures.extend(remove_vm_dir(&paths.dir));
+                failures.extend(remove_vm_dir_and_entry(
+                    &state_dir,
+                    &paths.dir,
+                    &cid,
+                    owner.as_ref(),
+                ));
                 failures
             })
             .await;
@@ -332,6 +342,32 @@ impl ContainerdCpi {
         failures.extend(host);
         failures
     }
+}
+
+/// Removes the VM's index entry and then its directory (see [`remove_vm_dir`]). The
+/// entry goes first, while the owner record it is found by still exists: a
+/// `delete_vm` killed in between leaves a directory its retry removes. If the
+/// directory stays (something is still mounted below it), so does the entry, for a
+/// retried `create_vm` to find this VM again.
+fn remove_vm_dir_and_entry(
+    state_dir: &Path,
+    dir: &Path,
+    cid: &str,
+    owner: Option<&crate::orphans::VmOwner>,
+) -> Vec<String> {
+    let Some(owner) = owner else {
+        return remove_vm_dir(dir);
+    };
+    if let Err(e) = crate::orphans::remove_index_entry(state_dir, owner, cid) {
+        return vec![e.to_string()];
+    }
+    let failures = remove_vm_dir(dir);
+    if dir.exists() {
+        if let Err(e) = crate::orphans::add_index_entry(state_dir, owner, cid) {
+            tracing::warn!("{e}");
+        }
+    }
+    failures
 }
 
 /// Removes the VM directory, but never while anything is mounted below it: that could

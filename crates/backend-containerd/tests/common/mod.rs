@@ -179,6 +179,13 @@ impl TestEnv {
         for entry in walk(&self.state_dir.join("cni/reservations")) {
             out.push(format!("address reservation {}", entry.display()));
         }
+        // `agents/<owner key>/<cid>`: a VM directory's index entry; `.indexed` marks
+        // the index as complete and stays.
+        for entry in walk(&self.state_dir.join("agents")) {
+            if entry.file_name().is_some_and(|n| n != ".indexed") {
+                out.push(format!("VM index entry {}", entry.display()));
+            }
+        }
         out
     }
 
@@ -423,6 +430,11 @@ pub fn xfs_mounts() -> BTreeSet<String> {
         .filter(|l| l.split(" - ").nth(1).is_some_and(|r| r.starts_with("xfs ")))
         .map(str::to_owned)
         .collect()
+}
+
+/// The files below `dir`, at any depth.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
