@@ -5,7 +5,9 @@
 //! `disk.json` beside it (size, cloud properties, metadata, last VM). Whether and where
 //! a disk is attached is read from the mount table, never from memory: a disk is
 //! attached to VM `v` exactly when `<state_dir>/vms/v/disks/<cid>` is a mount point.
-//! Attaching mounts it there; the mount propagates into the running VM at
+//! Attaching first names `v` in the disk's record, then mounts it there (so a disk is
+//! only ever mounted into the VM its record names, and finding where it is needs no
+//! look into every VM); the mount propagates into the running VM at
 //! `/warden-cpi-dev/<cid>` (no restart), and the agent settings file is updated in
 //! place so the agent finds it. No loop devices, no filesystem images: sizes are not
 //! enforced (see [`size_enforcement`]).
@@ -126,6 +128,10 @@ pub fn size_enforcement(table: &[mount::MountInfo], dir: &Path) -> String {
     }
 }
 
+/// Made in the state directory once every mounted disk's record names the VM it is
+/// mounted into (see `ensure_attachments_recorded`).
+const ATTACHMENTS_RECORDED: &str = ".disk-attachments-recorded";
+
 fn read_record(paths: &DiskPaths, cid: &str) -> Result<DiskRecord> {
     let bytes = std::fs::read(&paths.record).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -234,10 +240,11 @@ impl ContainerdCpi {
         require_container(d, vm.as_str()).await?;
         // Check, bind and settings update as one step among concurrent CPI processes.
         let _lock = self.disks_lock().await?;
+        self.ensure_attachments_recorded()?;
         let paths = self.disk_paths(disk.as_str())?;
         let mut record = read_record(&paths, disk.as_str())?;
         let hint = DiskHint(disk_path_in_vm(disk));
-        match self.attached_vm(disk.as_str())? {
+        match self.attached_vm(disk.as_str(), vm.as_str(), &record)? {
             Some(v) if v == vm.as_str() => {
                 tracing::info!(vm_cid = %vm, disk_cid = %disk, "disk already attached to this VM");
                 // An attach killed after the bind has not written the record yet.
@@ -261,20 +268,27 @@ impl ContainerdCpi {
         mount::ensure_shared_mount_point(&vm_paths.disks)?;
         let target = vm_paths.disk_mount(disk.as_str());
         fsutil::create_dirs(&target, false)?;
-        mount::bind(&paths.data, &target)?;
-        record.attached_to = Some(vm.to_string());
-        let updated = async {
-            write_record(&paths, &record)?;
-            self.update_settings(d, vm, |s| s.attach_persistent(disk))
-                .await
-        }
-        .await;
-        if let Err(e) = updated {
+        // The record names the VM before the bind: a disk is only ever mounted into
+        // the VM its record names, which is what lets `attached_vm` look there alone.
+        let previous = record.attached_to.replace(vm.to_string());
+        write_record(&paths, &record)?;
+        let attached = match mount::bind(&paths.data, &target) {
+            Ok(()) => {
+                self.update_settings(d, vm, |s| s.attach_persistent(disk))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = attached {
             let mut cleanup = Vec::new();
             if let Err(c) = mount::unmount(&target) {
                 cleanup.push(c.to_string());
             }
             let _ = std::fs::remove_dir(&target);
+            record.attached_to = previous;
+            if let Err(c) = write_record(&paths, &record) {
+                cleanup.push(c.to_string());
+            }
             return Err(e.with_cleanup(cleanup).into());
         }
         tracing::info!(vm_cid = %vm, disk_cid = %disk, "disk attached live at {}", hint.0);
@@ -337,21 +351,68 @@ impl ContainerdCpi {
             .collect()
     }
 
-    /// The VM disk `cid` is mounted into: a mount point `<state_dir>/vms/<vm>/disks/<cid>`,
-    /// found by mount ids (one `statx` pair per VM, not the host's whole mount table),
-    /// or from the table when the kernel reports no mount ids.
-    fn attached_vm(&self, cid: &str) -> Result<Option<String>> {
-        let vms = self.config.state_dir.join("vms");
-        let below = Path::new("disks").join(cid);
-        match cpi_hostfs::entries_with_mount_point_below(&vms, &below)
-            .map_err(|e| ContainerdError::io("listing", &vms, e))?
-        {
-            Some(found) => Ok(found.into_iter().next()),
-            None => {
-                let table = mount::read_mountinfo()?;
-                Ok(attached_vm(&table, &self.config.state_dir, cid))
+    /// The VM disk `cid` is mounted into (a mount point
+    /// `<state_dir>/vms/<vm>/disks/<cid>`). Attach writes the disk's record before
+    /// the bind, so a disk is mounted only into the VM its record names: that VM's
+    /// mount point is checked, and the `asking` VM's (a bind left by an attach killed
+    /// before its record was written, by a CPI older than that order). One `statx`
+    /// pair each, whatever the number of VMs; the host's mount table when the kernel
+    /// reports no mount ids.
+    fn attached_vm(&self, cid: &str, asking: &str, record: &DiskRecord) -> Result<Option<String>> {
+        let named = record.attached_to.as_deref().into_iter();
+        for vm in named.chain(std::iter::once(asking)) {
+            if !crate::vm::plausible_vm_cid(vm) {
+                continue;
+            }
+            match mount::is_mount_point(&self.vm_paths(vm).disk_mount(cid))? {
+                Some(true) => return Ok(Some(vm.to_owned())),
+                Some(false) => {}
+                None => {
+                    let table = mount::read_mountinfo()?;
+                    return Ok(attached_vm(&table, &self.config.state_dir, cid));
+                }
             }
         }
+        Ok(None)
+    }
+
+    /// Once per state directory, for a CPI upgraded from one that wrote a disk's
+    /// record after the bind (an attach killed in between left a disk mounted into a
+    /// VM its record does not name): makes every mounted disk's record name its VM,
+    /// so that [`Self::attached_vm`] can go by the records. Walks every VM directory
+    /// once, then leaves a mark.
+    fn ensure_attachments_recorded(&self) -> Result<()> {
+        let mark = self.config.state_dir.join(ATTACHMENTS_RECORDED);
+        if mark.exists() {
+            return Ok(());
+        }
+        let vms = self.config.state_dir.join("vms");
+        let entries = match std::fs::read_dir(&vms) {
+            Ok(e) => e.flatten().collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(ContainerdError::io("listing", &vms, e)),
+        };
+        for entry in entries {
+            let vm = entry.file_name().to_string_lossy().into_owned();
+            if !crate::vm::plausible_vm_cid(&vm) {
+                continue;
+            }
+            for disk in mounted_disks(&self.vm_paths(&vm))? {
+                let Ok(paths) = self.disk_paths(&disk) else {
+                    continue;
+                };
+                let Ok(mut record) = read_record(&paths, &disk) else {
+                    continue;
+                };
+                if record.attached_to.as_deref() != Some(vm.as_str()) {
+                    tracing::info!(vm_cid = %vm, disk_cid = %disk, "recording the VM a disk is mounted into");
+                    record.attached_to = Some(vm.clone());
+                    write_record(&paths, &record)?;
+                }
+            }
+        }
+        fsutil::create_dirs(&self.config.state_dir, true)?;
+        std::fs::write(&mark, b"").map_err(|e| ContainerdError::io("writing", &mark, e))
     }
 
     /// Whether disk `disk` is mounted at `target`, its mount point in VM `vm`.

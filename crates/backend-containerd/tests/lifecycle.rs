@@ -788,3 +788,108 @@ async fn a_retried_create_vm_replaces_its_earlier_attempt() {
         .expect("delete_stemcell");
     env.assert_clean(&[first.to_string(), second.to_string(), third.to_string()]);
 }
+
+/// Attach finds where a disk is mounted from the disk's record (written before the
+/// bind), not by looking into every VM. A disk an older CPI mounted without writing
+/// the record (an attach killed in between) is still found: the first attach over
+/// such a state directory records every mounted disk's VM, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_goes_by_the_disk_record_also_over_an_older_state_directory() {
+    const ATTACH_SUBNET: &str = "10.231.28.0/24";
+    let env = TestEnv::new("attach-record", &[ATTACH_SUBNET]);
+    let (cpi, ctx) = (&env.cpi, &env.ctx);
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let vm = |agent: &'static str, host: u8| {
+        let networks = Networks::parse(&json!({"default": {"type": "manual",
+            "ip": format!("10.231.28.{host}"), "netmask": "255.255.255.0",
+            "gateway": "10.231.28.1", "default": ["dns", "gateway"]}}))
+        .expect("networks");
+        cpi.create_vm(ctx, create_vm_req(&stemcell, agent, networks, json!({})))
+    };
+    let vm_a = vm("attach-a", 10).await.expect("create_vm a").cid;
+    let vm_b = vm("attach-b", 11).await.expect("create_vm b").cid;
+    let disk = cpi
+        .create_disk(
+            ctx,
+            CreateDisk {
+                size_mib: 64,
+                cloud_properties: Default::default(),
+                vm: None,
+            },
+        )
+        .await
+        .expect("create_disk");
+    let record_path = env
+        .state_dir
+        .join("disks")
+        .join(disk.as_str())
+        .join("disk.json");
+    let record = || -> Value {
+        serde_json::from_slice(&std::fs::read(&record_path).expect("disk.json")).expect("json")
+    };
+    let set_attached_to = |value: Value| {
+        let mut r = record();
+        r["attached_to"] = value;
+        std::fs::write(&record_path, serde_json::to_vec(&r).expect("json")).expect("write");
+    };
+    let mark = env.state_dir.join(".disk-attachments-recorded");
+    let target = env
+        .state_dir
+        .join("vms")
+        .join(vm_a.as_str())
+        .join("disks")
+        .join(disk.as_str());
+
+    cpi.attach_disk(ctx, &vm_a, &disk).await.expect("attach");
+    assert_eq!(record()["attached_to"], json!(vm_a.as_str()));
+    assert!(mark.is_file(), "the first attach leaves the mark");
+
+    // As an older CPI killed between its bind and its record left it.
+    set_attached_to(Value::Null);
+    std::fs::remove_file(&mark).expect("rm mark");
+    let refused = assert_kind(
+        cpi.attach_disk(ctx, &vm_b, &disk).await,
+        ErrorKind::CloudError,
+    );
+    assert!(
+        refused.message.contains(vm_a.as_str()),
+        "{}",
+        refused.message
+    );
+    assert_eq!(
+        record()["attached_to"],
+        json!(vm_a.as_str()),
+        "the record was not mended"
+    );
+    assert!(mark.is_file());
+
+    // The VM asking is looked at as well: no second bind on the same mount point.
+    set_attached_to(Value::Null);
+    cpi.attach_disk(ctx, &vm_a, &disk)
+        .await
+        .expect("attach again");
+    assert_eq!(record()["attached_to"], json!(vm_a.as_str()));
+    let stacked = std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(target.to_str().expect("utf-8")))
+        .count();
+    assert_eq!(stacked, 1, "mounts at {}", target.display());
+
+    cpi.detach_disk(ctx, &vm_a, &disk).await.expect("detach");
+    cpi.attach_disk(ctx, &vm_b, &disk)
+        .await
+        .expect("attach to b");
+    assert_eq!(record()["attached_to"], json!(vm_b.as_str()));
+    cpi.detach_disk(ctx, &vm_b, &disk)
+        .await
+        .expect("detach from b");
+    for v in [&vm_a, &vm_b] {
+        cpi.delete_vm(ctx, v).await.expect("delete_vm");
+    }
+    cpi.delete_disk(ctx, &disk).await.expect("delete_disk");
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    env.assert_clean(&[vm_a.to_string(), vm_b.to_string()]);
+}
