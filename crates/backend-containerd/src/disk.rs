@@ -411,7 +411,6 @@ impl ContainerdCpi {
                 }
             }
         }
-        fsutil::create_dirs(&self.config.state_dir, true)?;
         std::fs::write(&mark, b"").map_err(|e| ContainerdError::io("writing", &mark, e))
     }
 

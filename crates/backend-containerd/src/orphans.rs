@@ -21,8 +21,9 @@
 //!   mints one agent id per VM and retries with it): [`earlier_attempts`] names those
 //!   VMs, which are then destroyed like `delete_vm` does. It finds them by name, not
 //!   by reading every VM's `owner.json`: each VM directory has an entry
-//!   `agents/<owner key>/<cid>` in the state directory, made before the directory
-//!   itself and removed after it ([`VmOwner::index_key`]).
+//!   `agents/<owner key>/<cid>` in the state directory ([`VmOwner::index_key`]),
+//!   made before the directory is renamed into place and removed right before the
+//!   directory is (see [`create_vm_dir`]).
 
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -598,8 +599,8 @@ mod tests {
         let other_director = CallContext::default();
         assert!(earlier_attempts(state, "agent-1", &other_director, "vm-new").is_empty());
 
-        // Deleting: the directory, then the entry; the owner's index directory goes
-        // with its last entry.
+        // Removing an entry twice is no failure; the owner's index directory goes with
+        // its last entry.
         std::fs::remove_dir_all(state.join("vms").join(made)).expect("rm");
         remove_index_entry(state, &owner, made).expect("unindex");
         remove_index_entry(state, &owner, made).expect("twice");

@@ -378,9 +378,10 @@ pub fn reservations_dir(state_dir: &Path) -> PathBuf {
 pub fn reserve_addresses(state_dir: &Path, vm_cid: &str, networks: &Networks) -> Result<()> {
     let dir = reservations_dir(state_dir);
     crate::fsutil::create_dirs(&dir, true)?;
-    for ip in manual_addresses(networks) {
-        if let Err(e) = reserve_one(state_dir, &dir, vm_cid, ip) {
-            release_addresses(state_dir, vm_cid, Some(&manual_addresses(networks)));
+    let addresses = manual_addresses(networks);
+    for ip in &addresses {
+        if let Err(e) = reserve_one(state_dir, &dir, vm_cid, *ip) {
+            release_addresses(state_dir, vm_cid, Some(&addresses));
             return Err(e);
         }
     }
