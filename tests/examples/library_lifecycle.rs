@@ -218,22 +218,16 @@ impl Backend {
                     .collect();
                 // `delete_vm` leaves a VM's interfaces to the kernel, which destroys
                 // them shortly after the namespace goes: give it a few seconds.
-                let members = Path::new("/sys/class/net").join(&bridge).join("brif");
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                let plugged =
-                    || std::fs::read_dir(&members).map(|mut entries| entries.next().is_some());
-                while matches!(plugged(), Ok(true)) && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                match plugged() {
-                    Ok(false) => {
-                        let _ = std::process::Command::new("ip")
-                            .args(["link", "delete", &bridge])
-                            .status();
-                    }
-                    Ok(true) => errors.push(format!("bridge {bridge} still has interfaces")),
-                    // No bridge: the VM never got that far.
-                    Err(_) => {}
+                let ports = cpi_tests::daemons::bridge_ports_after(
+                    &bridge,
+                    cpi_tests::daemons::BRIDGE_DRAIN_WAIT,
+                );
+                if !ports.is_empty() {
+                    errors.push(format!("bridge {bridge} still has interfaces: {ports:?}"));
+                } else if Path::new("/sys/class/net").join(&bridge).exists() {
+                    let _ = std::process::Command::new("ip")
+                        .args(["link", "delete", &bridge])
+                        .status();
                 }
             }
         }

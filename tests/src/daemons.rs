@@ -298,18 +298,25 @@ pub fn bridge_ports(bridge: &str) -> Vec<String> {
     ports
 }
 
+/// [`bridge_ports`] once they have all gone or `wait` has passed: what stays is left
+/// behind, not on its way out (see [`BRIDGE_DRAIN_WAIT`]).
+pub fn bridge_ports_after(bridge: &str, wait: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut ports = bridge_ports(bridge);
+    while !ports.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        ports = bridge_ports(bridge);
+    }
+    ports
+}
+
 /// Removes a containerd-backend bridge and its host rules, unless a VM is still
 /// plugged into it [`BRIDGE_DRAIN_WAIT`] later. `Ok(false)` when there was no such
 /// bridge.
 pub fn remove_cpi_bridge(bridge: &str) -> Result<bool, String> {
     let exists = Path::new("/sys/class/net").join(bridge).exists();
     if exists {
-        let deadline = std::time::Instant::now() + BRIDGE_DRAIN_WAIT;
-        let mut ports = bridge_ports(bridge);
-        while !ports.is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            ports = bridge_ports(bridge);
-        }
+        let ports = bridge_ports_after(bridge, BRIDGE_DRAIN_WAIT);
         if !ports.is_empty() {
             return Err(format!(
                 "bridge {bridge} still has {} interfaces after {} s ({}); not removing it",

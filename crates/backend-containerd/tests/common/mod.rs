@@ -342,24 +342,10 @@ pub fn bridge_name(subnet: &str) -> String {
     cpi_tests::daemons::cpi_bridge_name(subnet)
 }
 
-/// The ports of `bridge` once none has gone for a moment (up to 5 s), as `ip -o
-/// link` lines: what stays is left behind, not on its way out.
+/// The interfaces of `bridge` once they have all gone, or what stays after 5 s: left
+/// behind, not on its way out.
 pub fn bridge_ports_after_settling(bridge: &str) -> Vec<String> {
-    let ports = || -> Vec<String> {
-        run("ip", &["-o", "link", "show", "master", bridge])
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    let mut now = ports();
-    for _ in 0..50 {
-        if now.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        now = ports();
-    }
-    now
+    cpi_tests::daemons::bridge_ports_after(bridge, std::time::Duration::from_secs(5))
 }
 
 /// Runs a host command, returning stdout (empty on failure).
