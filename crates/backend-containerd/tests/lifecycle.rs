@@ -893,3 +893,72 @@ async fn attach_goes_by_the_disk_record_also_over_an_older_state_directory() {
         .expect("delete_stemcell");
     env.assert_clean(&[vm_a.to_string(), vm_b.to_string()]);
 }
+
+/// `create_vm` records the VM's init. `delete_vm` stops a VM by that record without
+/// looking the task up first, also when the task has stopped already, and by asking
+/// containerd when the record is missing (a VM an older CPI made).
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_vm_stops_a_vm_by_its_init_record_or_by_asking_containerd() {
+    const STOP_SUBNET: &str = "10.231.29.0/24";
+    let env = TestEnv::new("stop", &[STOP_SUBNET]);
+    let (cpi, ctx) = (&env.cpi, &env.ctx);
+    let stemcell = import_stemcell(&env, "ubuntu-jammy").await;
+    let network = |host: u8| {
+        Networks::parse(&json!({"default": {"type": "manual",
+            "ip": format!("10.231.29.{host}"), "netmask": "255.255.255.0",
+            "gateway": "10.231.29.1", "default": ["dns", "gateway"]}}))
+        .expect("networks")
+    };
+    let mut made = Vec::new();
+    let create = |host: u8| {
+        let req = create_vm_req(&stemcell, &format!("stop-{host}"), network(host), json!({}));
+        async move { cpi.create_vm(ctx, req).await.expect("create_vm").cid }
+    };
+    let init_record = |vm: &VmCid| env.state_dir.join("vms").join(vm.as_str()).join("init");
+
+    // Recorded, running.
+    let recorded = create(10).await;
+    made.push(recorded.to_string());
+    assert_eq!(
+        std::fs::read_to_string(init_record(&recorded)).expect("init record"),
+        "runit"
+    );
+    env.running_pid(recorded.as_str());
+    cpi.delete_vm(ctx, &recorded).await.expect("delete_vm");
+    assert!(!cpi.has_vm(ctx, &recorded).await.expect("has_vm"));
+
+    // Recorded, its task stopped already (the init killed from outside).
+    let stopped = create(11).await;
+    made.push(stopped.to_string());
+    env.running_pid(stopped.as_str());
+    env.ctr(&["tasks", "kill", "--signal", "SIGKILL", stopped.as_str()]);
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = env.task(stopped.as_str()).map(|t| t.1).unwrap_or_default();
+        if status == "STOPPED" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status, "STOPPED", "the killed init's task");
+    cpi.delete_vm(ctx, &stopped)
+        .await
+        .expect("delete_vm of a stopped VM");
+    assert!(!cpi.has_vm(ctx, &stopped).await.expect("has_vm"));
+    cpi.delete_vm(ctx, &stopped)
+        .await
+        .expect("delete_vm again: nothing left is success");
+
+    // Without the record, as an older CPI made it.
+    let unrecorded = create(12).await;
+    made.push(unrecorded.to_string());
+    std::fs::remove_file(init_record(&unrecorded)).expect("rm init record");
+    env.running_pid(unrecorded.as_str());
+    cpi.delete_vm(ctx, &unrecorded).await.expect("delete_vm");
+    assert!(!cpi.has_vm(ctx, &unrecorded).await.expect("has_vm"));
+
+    cpi.delete_stemcell(ctx, &stemcell)
+        .await
+        .expect("delete_stemcell");
+    env.assert_clean(&made);
+}

@@ -18,9 +18,11 @@
 //!   `Containers.Create`, then `Tasks.Create` (console to a file, as the backend),
 //!   `Tasks.Start`.
 //! - `delete_vm` floor: `Tasks.Kill` SIGTERM (the test stemcell's init exits on it,
-//!   as with the backend), `Tasks.Wait`, `Tasks.Delete`, `Containers.Delete`,
-//!   `Snapshots.Remove`, the network namespace's removal (the kernel destroys the
-//!   veth), unmount and `rm -r` of the per-VM directory.
+//!   as with the backend) with `Tasks.Wait` in flight beside it; once the init
+//!   exited, `Tasks.Delete` and then `Containers.Delete` and `Snapshots.Remove` at
+//!   once, beside the network namespace's removal (the kernel destroys the veth),
+//!   unmount and `rm -r` of the per-VM directory (as the backend arranges them since
+//!   2026-12-08).
 //! - attach floor: `Containers.Get` (find the VM), `Tasks.Get` (its PID 1), `mkdir` +
 //!   bind mount of the disk directory into the VM's shared disks directory, and a
 //!   1 KiB settings file written through `/proc/<pid>/root`. Detach: the two gets,
@@ -241,7 +243,17 @@ impl ContainerdFloor {
     /// Stops and removes a floor VM's task, container and snapshot; missing parts are
     /// fine.
     async fn remove_vm(&self, vm: &str, snapshotter: &str) -> FloorResult<()> {
-        let mut tasks = TasksClient::new(self.channel.clone());
+        self.stop_task(vm).await?;
+        self.remove_records(vm, snapshotter).await
+    }
+
+    /// SIGTERM with the wait for the exit in flight beside it (SIGKILL after the
+    /// grace); a task that is gone or stopped is success.
+    async fn stop_task(&self, vm: &str) -> FloorResult<()> {
+        let (mut tasks, mut waiter) = (
+            TasksClient::new(self.channel.clone()),
+            TasksClient::new(self.channel.clone()),
+        );
         let kill = |signal: u32| KillRequest {
             container_id: vm.to_owned(),
             exec_id: String::new(),
@@ -252,20 +264,30 @@ impl ContainerdFloor {
             container_id: vm.to_owned(),
             exec_id: String::new(),
         };
-        match tasks.kill(self.req(kill(SIGTERM))).await {
-            Ok(_) => {
-                let waited =
-                    tokio::time::timeout(STOP_GRACE, tasks.clone().wait(self.req(wait.clone())))
-                        .await;
-                if !matches!(waited, Ok(Ok(_))) {
-                    let _ = tasks.kill(self.req(kill(SIGKILL))).await;
-                    let _ = tasks.wait(self.req(wait)).await;
-                }
-            }
+        let (killed, waited) = tokio::join!(
+            tasks.kill(self.req(kill(SIGTERM))),
+            tokio::time::timeout(STOP_GRACE, waiter.wait(self.req(wait.clone())))
+        );
+        match killed {
+            Ok(_) => {}
             Err(s) if s.code() == Code::NotFound || s.code() == Code::FailedPrecondition => {}
             Err(s) => return Err(status(format!("Tasks.Kill {vm}"))(s)),
         }
-        match tasks
+        let exited = match waited {
+            Ok(Ok(_)) => true,
+            Ok(Err(s)) => s.code() == Code::NotFound,
+            Err(_) => false,
+        };
+        if !exited {
+            let _ = tasks.kill(self.req(kill(SIGKILL))).await;
+            let _ = tasks.wait(self.req(wait)).await;
+        }
+        Ok(())
+    }
+
+    /// `Tasks.Delete`, then `Containers.Delete` and `Snapshots.Remove` at once.
+    async fn remove_records(&self, vm: &str, snapshotter: &str) -> FloorResult<()> {
+        match TasksClient::new(self.channel.clone())
             .delete(self.req(DeleteTaskRequest {
                 container_id: vm.to_owned(),
             }))
@@ -275,21 +297,23 @@ impl ContainerdFloor {
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => return Err(status(format!("Tasks.Delete {vm}"))(s)),
         }
-        match ContainersClient::new(self.channel.clone())
-            .delete(self.req(DeleteContainerRequest { id: vm.to_owned() }))
-            .await
-        {
+        let (mut containers, mut snapshots) = (
+            ContainersClient::new(self.channel.clone()),
+            SnapshotsClient::new(self.channel.clone()),
+        );
+        let (deleted, removed) = tokio::join!(
+            containers.delete(self.req(DeleteContainerRequest { id: vm.to_owned() })),
+            snapshots.remove(self.req(RemoveSnapshotRequest {
+                snapshotter: snapshotter.to_owned(),
+                key: vm.to_owned(),
+            }))
+        );
+        match deleted {
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => return Err(status(format!("Containers.Delete {vm}"))(s)),
         }
-        match SnapshotsClient::new(self.channel.clone())
-            .remove(self.req(RemoveSnapshotRequest {
-                snapshotter: snapshotter.to_owned(),
-                key: vm.to_owned(),
-            }))
-            .await
-        {
+        match removed {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::NotFound => Ok(()),
             Err(s) => Err(status(format!("Snapshots.Remove {vm}"))(s)),
@@ -435,13 +459,22 @@ impl ContainerdFloor {
         vm_dirs: &[PathBuf],
         disks_dir: &Path,
     ) -> FloorResult<()> {
-        self.remove_vm(vm, snapshotter).await?;
-        self.remove_network(vm)?;
-        host::unbind(disks_dir)?;
-        for d in vm_dirs {
-            host::remove_dir_tree_unless_mounted(d)?;
-        }
-        Ok(())
+        self.stop_task(vm).await?;
+        // Once the init exited, the records (from `Tasks.Delete` on) and the host
+        // side at once, as the backend does; the host side yields first, so the
+        // request goes out before its work holds the thread.
+        let host_side = async {
+            tokio::task::yield_now().await;
+            self.remove_network(vm)?;
+            host::unbind(disks_dir)?;
+            for d in vm_dirs {
+                host::remove_dir_tree_unless_mounted(d)?;
+            }
+            Ok::<_, String>(())
+        };
+        let (records, host_side) = tokio::join!(self.remove_records(vm, snapshotter), host_side);
+        records?;
+        host_side
     }
 
     /// Removes the network namespace of floor VM `vm`, if it has one.
@@ -901,7 +934,7 @@ impl Floor for ContainerdFloor {
             "has_disk" => "fork+exec of /bin/true (has_disk reads the disk's record file: no daemon call)",
             "get_disks" => "fork+exec of /bin/true + new gRPC channel + Containers.Get (the CPI also checks the VM's disk mount points)",
             "create_vm" => "mkdir + shared bind of the disks dir + the VM's network over netlink (namespace, veth on the bridge, address, route; the backend's calls, no records) beside Snapshots.Prepare + Containers.Create (the CPI VM's spec), then Tasks.Create + Tasks.Start",
-            "delete_vm" => "Tasks.Kill SIGTERM + Tasks.Wait + Tasks.Delete + Containers.Delete + Snapshots.Remove + network namespace removal + umount + rm -r",
+            "delete_vm" => "Tasks.Kill SIGTERM with Tasks.Wait beside it, then Tasks.Delete, then Containers.Delete + Snapshots.Remove at once, beside network namespace removal + umount + rm -r",
             "attach_disk" => "Containers.Get + Tasks.Get + mkdir + bind mount into the shared disks dir + 1 KiB write via /proc/<pid>/root",
             "detach_disk" => "Containers.Get + Tasks.Get + umount + rmdir + 1 KiB write via /proc/<pid>/root",
             _ if row.starts_with("create_stemcell") => "Leases.Create + Content.Write (1 MiB messages) + Snapshots.Prepare + Diff.Apply + Snapshots.Commit",

@@ -3,7 +3,8 @@
 //!
 //! Set-up (not timed): a small stemcell for VMs, one VM (`vm0`, kept running: the
 //! has_vm and attach target, and the template of the floor's VMs), one disk, and the
-//! floor's own running VM and disk. Every row then runs `reps` times:
+//! floor's own running VM and disk. Every row then runs `reps` times (`create_vm`
+//! and `delete_vm` `vm_reps` times):
 //!
 //! | row | CPI side (whole `cpi` process) |
 //! |---|---|
@@ -65,6 +66,8 @@ pub struct Options {
     pub concurrency: usize,
     /// Repetitions of the concurrency rows.
     pub batch_reps: usize,
+    /// Repetitions of the `create_vm` and `delete_vm` rows.
+    pub vm_reps: usize,
     /// VMs and disks present in the population rows (at most [`MAX_POPULATION`]; 0
     /// leaves the rows out).
     pub population: usize,
@@ -360,7 +363,7 @@ fn rows(
     };
     // The floor without the VM's network, where the floor makes it (containerd).
     let (mut bare_create, mut bare_delete) = (Vec::new(), Vec::new());
-    for i in 0..reps {
+    for i in 0..opts.vm_reps {
         let sides: [bool; 2] = if i % 2 == 0 {
             [true, false]
         } else {

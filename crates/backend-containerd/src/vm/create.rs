@@ -342,11 +342,18 @@ impl ContainerdCpi {
         let vm_cid = VmCid::new(cid).map_err(|e| ContainerdError::BadArgument(e.message))?;
         let settings =
             AgentSettings::for_vm(&req.agent_id, &vm_cid, &self.agent, networks, &req.env);
-        // The host copy later calls change the settings from (attach, detach),
-        // written while the task is made.
+        // The host copy later calls change the settings from (attach, detach), and
+        // the record of the VM's init `delete_vm` signals it by, written while the
+        // task is made. The init record is not synced: a missing or torn one sends
+        // `delete_vm` to the container's label instead.
         let host_copy = {
             let (path, bytes) = (paths.agent_env.clone(), settings.to_json());
-            tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&path, &bytes, 0o600))
+            let init_record = paths.init_record.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::fsutil::write_atomic(&path, &bytes, 0o600)?;
+                std::fs::write(&init_record, init.as_str())
+                    .map_err(|e| ContainerdError::io("writing", &init_record, e))
+            })
         };
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let files = agent_env::vm_files(&settings, cid, networks, &host_resolv);

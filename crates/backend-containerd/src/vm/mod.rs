@@ -56,6 +56,9 @@ pub struct VmPaths {
     pub agent_env: PathBuf,
     /// The VM's console: PID 1's stdout and stderr.
     pub console_log: PathBuf,
+    /// The VM's init (`runit` or `systemd`), so `delete_vm` knows its stop signal
+    /// without asking containerd first.
+    pub init_record: PathBuf,
 }
 
 impl VmPaths {
@@ -69,6 +72,7 @@ impl VmPaths {
             network_state: dir.join("network.json"),
             agent_env: dir.join("agent-env.json"),
             console_log: dir.join("console.log"),
+            init_record: dir.join("init"),
             dir,
         }
     }
@@ -187,26 +191,39 @@ async fn stop_found_task(
         return Ok(());
     };
     if status != TaskStatus::Stopped {
-        let signal = if init == spec::Init::Systemd.as_str() {
-            SIGRTMIN_PLUS_3
-        } else {
-            SIGTERM
-        };
-        tracing::debug!(vm_cid = %cid, pid, signal, "stopping the VM's init");
-        // The wait goes out with the signal, not after it: the exit is reported on
-        // a request already in flight. A failed signal ends both.
-        let (_, exited) = tokio::try_join!(kill(d, cid, signal, false), wait_exit(d, cid, grace))?;
-        if !exited {
-            tracing::info!(vm_cid = %cid, grace_secs = grace.as_secs(), "init did not exit in time; killing every process");
-            kill(d, cid, SIGKILL, true).await?;
-            if !wait_exit(d, cid, KILL_WAIT).await? {
-                return Err(ContainerdError::Refused(format!(
-                    "the task of VM {cid} (pid {pid}) did not exit {}s after SIGKILL",
-                    KILL_WAIT.as_secs()
-                )));
-            }
+        tracing::debug!(vm_cid = %cid, pid, "the VM's task is {status:?}");
+        signal_and_wait(d, cid, init, grace).await?;
+    }
+    delete_task(d, cid).await
+}
+
+/// Sends the init's shutdown signal and waits `grace` for the task to exit, then
+/// SIGKILL to every process. A task that is gone or stopped is success.
+async fn signal_and_wait(d: &Daemon, cid: &str, init: &str, grace: Duration) -> Result<()> {
+    let signal = if init == spec::Init::Systemd.as_str() {
+        SIGRTMIN_PLUS_3
+    } else {
+        SIGTERM
+    };
+    tracing::debug!(vm_cid = %cid, signal, "stopping the VM's init");
+    // The wait goes out with the signal, not after it: the exit is reported on a
+    // request already in flight. A failed signal ends both.
+    let (_, exited) = tokio::try_join!(kill(d, cid, signal, false), wait_exit(d, cid, grace))?;
+    if !exited {
+        tracing::info!(vm_cid = %cid, grace_secs = grace.as_secs(), "init did not exit in time; killing every process");
+        kill(d, cid, SIGKILL, true).await?;
+        if !wait_exit(d, cid, KILL_WAIT).await? {
+            return Err(ContainerdError::Refused(format!(
+                "the task of VM {cid} did not exit {}s after SIGKILL",
+                KILL_WAIT.as_secs()
+            )));
         }
     }
+    Ok(())
+}
+
+/// Deletes the VM's (stopped) task; no task is success.
+async fn delete_task(d: &Daemon, cid: &str) -> Result<()> {
     match d
         .call(
             format!("Tasks.Delete {cid}"),
@@ -222,6 +239,14 @@ async fn stop_found_task(
     }
 }
 
+/// The init `create_vm` recorded in the VM directory, if it is there and readable.
+fn recorded_init(paths: &VmPaths) -> Option<spec::Init> {
+    let text = std::fs::read_to_string(&paths.init_record).ok()?;
+    [spec::Init::Runit, spec::Init::Systemd]
+        .into_iter()
+        .find(|init| init.as_str() == text.trim())
+}
+
 impl ContainerdCpi {
     /// The paths of VM `cid`.
     pub(crate) fn vm_paths(&self, cid: &str) -> VmPaths {
@@ -235,8 +260,46 @@ impl ContainerdCpi {
     pub(crate) async fn destroy_vm(&self, d: &Daemon, cid: &str) -> Vec<String> {
         let mut failures = Vec::new();
         let paths = self.vm_paths(cid);
-        // The container (its init) and the task (its PID and status): one round trip.
-        let (container, task) = tokio::join!(get_container(d, cid), task_state(d, cid));
+        let grace = Duration::from_secs(self.config.stop_grace_seconds);
+        // First the task's exit. `has_task`: whether a task may be there to delete.
+        let (container, exited, has_task) = match recorded_init(&paths) {
+            // The init is on record: the signal goes out with the container's
+            // lookup (which the records below need), not after it; a stopped or
+            // missing task answers it as gone.
+            Some(init) => {
+                let (container, exited) = tokio::join!(
+                    get_container(d, cid),
+                    signal_and_wait(d, cid, init.as_str(), grace)
+                );
+                (container, exited, true)
+            }
+            // A VM without the record (made before it, or a create_vm killed before
+            // writing it): the container's label names the init, the task's state
+            // says whether to signal it. One round trip for both.
+            None => {
+                let (container, task) = tokio::join!(get_container(d, cid), task_state(d, cid));
+                let init = container
+                    .as_ref()
+                    .ok()
+                    .and_then(Option::as_ref)
+                    .and_then(|c| c.labels.get(labels::INIT).cloned())
+                    .unwrap_or_default();
+                let (exited, has_task) = match task {
+                    Ok(Some((pid, status))) => {
+                        tracing::debug!(vm_cid = %cid, pid, "the VM's task is {status:?}");
+                        let exited = if status == TaskStatus::Stopped {
+                            Ok(())
+                        } else {
+                            signal_and_wait(d, cid, &init, grace).await
+                        };
+                        (exited, true)
+                    }
+                    Ok(None) => (Ok(()), false),
+                    Err(e) => (Err(e), false),
+                };
+                (container, exited, has_task)
+            }
+        };
         let container = match container {
             Ok(c) => c,
             Err(e) => {
@@ -244,31 +307,38 @@ impl ContainerdCpi {
                 None
             }
         };
-        let init = container
-            .as_ref()
-            .and_then(|c| c.labels.get(labels::INIT).cloned())
-            .unwrap_or_default();
-        let grace = Duration::from_secs(self.config.stop_grace_seconds);
-        let stopped = match task {
-            Ok(task) => stop_found_task(d, cid, task, &init, grace).await,
-            Err(e) => Err(e),
+        let exited = match exited {
+            Ok(()) => true,
+            Err(e) => {
+                failures.push(e.to_string());
+                false
+            }
         };
-        if let Err(e) = stopped {
-            failures.push(e.to_string());
-        }
         // The setup mount (left by a settings write into a stopped VM's snapshot)
         // holds the snapshot's directories busy; gone before either branch below.
         if let Err(e) = mount::unmount(&paths.rootfs) {
             failures.push(e.to_string());
         }
-        // With the task gone, the container record and snapshot (containerd
-        // requests) and what the VM has on the host (network, addresses, disk
-        // binds, its directory) come down at once. The host side runs on the
-        // blocking pool, so that its unmounts and file work do not hold the
-        // requests back on this thread.
+        // With the init exited, nothing of the VM runs (the kernel kills every
+        // process of a PID namespace before its init's exit is reported), so two
+        // branches at once: containerd's records (the task, then the container and
+        // the snapshot) and what the VM has on the host (network, addresses, disk
+        // binds, its directory), whose work hides behind `Tasks.Delete`, the
+        // longest request (the shim unmounts the root and ends). The host side
+        // runs on the blocking pool, so that its unmounts and file work do not
+        // hold the requests back on this thread.
         let records = async {
-            let mut failures = Vec::new();
-            if container.is_some() {
+            if has_task && exited {
+                if let Err(e) = delete_task(d, cid).await {
+                    return vec![e.to_string()];
+                }
+            }
+            // The container record and the snapshot at once: removing a snapshot
+            // asks nothing of the record that names it.
+            let delete_container = async {
+                if container.is_none() {
+                    return Ok(());
+                }
                 match d
                     .call(
                         format!("Containers.Delete {cid}"),
@@ -277,60 +347,53 @@ impl ContainerdCpi {
                     )
                     .await
                 {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => failures.push(e.to_string()),
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_not_found() => Ok(()),
+                    Err(e) => Err(e.to_string()),
                 }
-            }
+            };
             let (snapshotter, key) = match &container {
                 Some(c) if !c.snapshot_key.is_empty() => {
                     (c.snapshotter.clone(), c.snapshot_key.clone())
                 }
                 _ => (self.config.snapshotter.clone(), cid.to_owned()),
             };
-            if plausible_vm_cid(&key) {
+            let remove_snapshot = async {
+                if !plausible_vm_cid(&key) {
+                    return Ok(());
+                }
                 match d
                     .call(
                         format!("Snapshots.Remove {key}"),
-                        d.snapshots()
-                            .remove(d.req(RemoveSnapshotRequest { snapshotter, key })),
+                        d.snapshots().remove(d.req(RemoveSnapshotRequest {
+                            snapshotter,
+                            key: key.clone(),
+                        })),
                     )
                     .await
                 {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => failures.push(e.to_string()),
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_not_found() => Ok(()),
+                    Err(e) => Err(e.to_string()),
                 }
-            }
-            failures
+            };
+            let (deleted, removed) = tokio::join!(delete_container, remove_snapshot);
+            [deleted, removed]
+                .into_iter()
+                .filter_map(std::result::Result::err)
+                .collect::<Vec<_>>()
         };
         let host = async {
+            // Its first steps are file reads on this thread: `Tasks.Delete` goes
+            // out first.
+            tokio::task::yield_now().await;
             let mut failures =
                 network::teardown(&paths.network_state, cid, &self.config.cni_bin_dir).await;
             let (state_dir, vm_paths, vm) =
                 (self.config.state_dir.clone(), paths.clone(), cid.to_owned());
-            let rest = tokio::task::spawn_blocking(move || {
-                let (paths, cid) = (vm_paths, vm);
-                let owner = crate::orphans::read_owner(&paths.dir);
-                let mut failures = network::release_addresses(
-                    &state_dir,
-                    &cid,
-                    owner.as_ref().and_then(|o| o.addresses.as_deref()),
-                );
-                failures.extend(crate::disk::release_vm_disks(&state_dir, &paths));
-                match mount::unmount_all_under(&paths.dir) {
-                    Ok(f) => failures.extend(f),
-                    Err(e) => failures.push(e.to_string()),
-                }
-                failures.extend(remove_vm_dir_and_entry(
-                    &state_dir,
-                    &paths.dir,
-                    &cid,
-                    owner.as_ref(),
-                ));
-                failures
-            })
-            .await;
+            let rest =
+                tokio::task::spawn_blocking(move || remove_host_state(&state_dir, &vm_paths, &vm))
+                    .await;
             match rest {
                 Ok(f) => failures.extend(f),
                 Err(e) => failures.push(format!("removing VM {cid}'s host state: {e}")),
@@ -342,6 +405,31 @@ impl ContainerdCpi {
         failures.extend(host);
         failures
     }
+}
+
+/// Removes what VM `cid` has in the state directory and the host's mount table,
+/// once its network is down: its address reservations, the binds of its disks, the
+/// mounts below its directory, its index entry and its directory. Returns the
+/// failures; every step runs.
+pub(crate) fn remove_host_state(state_dir: &Path, paths: &VmPaths, cid: &str) -> Vec<String> {
+    let owner = crate::orphans::read_owner(&paths.dir);
+    let mut failures = network::release_addresses(
+        state_dir,
+        cid,
+        owner.as_ref().and_then(|o| o.addresses.as_deref()),
+    );
+    failures.extend(crate::disk::release_vm_disks(state_dir, paths));
+    match mount::unmount_all_under(&paths.dir) {
+        Ok(f) => failures.extend(f),
+        Err(e) => failures.push(e.to_string()),
+    }
+    failures.extend(remove_vm_dir_and_entry(
+        state_dir,
+        &paths.dir,
+        cid,
+        owner.as_ref(),
+    ));
+    failures
 }
 
 /// Removes the VM's index entry and then its directory (see [`remove_vm_dir`]). The
