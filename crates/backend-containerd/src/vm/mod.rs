@@ -187,14 +187,29 @@ async fn stop_found_task(
     init: &str,
     grace: Duration,
 ) -> Result<()> {
+    if end_found_task(d, cid, task, init, grace).await? {
+        delete_task(d, cid).await?;
+    }
+    Ok(())
+}
+
+/// Makes a task already looked up with [`task_state`] exit, unless it has stopped
+/// already. Returns whether there is a task (to delete).
+async fn end_found_task(
+    d: &Daemon,
+    cid: &str,
+    task: Option<(u32, TaskStatus)>,
+    init: &str,
+    grace: Duration,
+) -> Result<bool> {
     let Some((pid, status)) = task else {
-        return Ok(());
+        return Ok(false);
     };
     if status != TaskStatus::Stopped {
         tracing::debug!(vm_cid = %cid, pid, "the VM's task is {status:?}");
         signal_and_wait(d, cid, init, grace).await?;
     }
-    delete_task(d, cid).await
+    Ok(true)
 }
 
 /// Sends the init's shutdown signal and waits `grace` for the task to exit, then
@@ -284,20 +299,13 @@ impl ContainerdCpi {
                     .and_then(Option::as_ref)
                     .and_then(|c| c.labels.get(labels::INIT).cloned())
                     .unwrap_or_default();
-                let (exited, has_task) = match task {
-                    Ok(Some((pid, status))) => {
-                        tracing::debug!(vm_cid = %cid, pid, "the VM's task is {status:?}");
-                        let exited = if status == TaskStatus::Stopped {
-                            Ok(())
-                        } else {
-                            signal_and_wait(d, cid, &init, grace).await
-                        };
-                        (exited, true)
-                    }
-                    Ok(None) => (Ok(()), false),
-                    Err(e) => (Err(e), false),
+                let ended = match task {
+                    Ok(task) => end_found_task(d, cid, task, &init, grace).await,
+                    Err(e) => Err(e),
                 };
-                (container, exited, has_task)
+                // A task whose exit failed is not deleted; nor is one not found.
+                let has_task = matches!(ended, Ok(true));
+                (container, ended.map(drop), has_task)
             }
         };
         let container = match container {
@@ -411,7 +419,7 @@ impl ContainerdCpi {
 /// once its network is down: its address reservations, the binds of its disks, the
 /// mounts below its directory, its index entry and its directory. Returns the
 /// failures; every step runs.
-pub(crate) fn remove_host_state(state_dir: &Path, paths: &VmPaths, cid: &str) -> Vec<String> {
+fn remove_host_state(state_dir: &Path, paths: &VmPaths, cid: &str) -> Vec<String> {
     let owner = crate::orphans::read_owner(&paths.dir);
     let mut failures = network::release_addresses(
         state_dir,
