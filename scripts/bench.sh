@@ -16,6 +16,7 @@
 # once from one stemcell, and has_vm, attach/detach, create/delete with 100 more VMs
 # and disks present.
 #
+# --reps N: repetitions per row (15; create_vm and delete_vm run 3 N times).
 # --quick: 3 repetitions, only the ~50 MB stemcell, 4 at once, 10 present; CI runs
 # `bash scripts/bench.sh --quick --profile dev` to prove the benchmark works, reusing
 # the debug build. Needs root (mounts, daemons).

@@ -66,6 +66,7 @@ create_stemcell (~50 MB, ~500 MB and 1 GB images), N concurrent create_vm/delete
 (20), and has_vm, attach/detach, create/delete with N more VMs and disks present (100),
 through the real cpi binary (CPI_BIN, else target/debug/cpi), each beside its raw floor,
 and prints one table (stdout) and a JSON document (default target/bench.json).
+--reps N: repetitions per row (15); create_vm and delete_vm run 3 N times.
 --quick: 3 repetitions, only the small stemcell, 4 concurrent, 10 present.
 Run as root beside the daemons; `bash scripts/bench.sh` builds and runs it.";
 
