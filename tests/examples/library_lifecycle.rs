@@ -210,12 +210,8 @@ impl Backend {
                     }
                 }
                 remove_state_dir(state_dir, &mut errors);
-                // The backend names a subnet's bridge `bcpi` + 10 hex digits of the
-                // subnet's SHA-256 and keeps it for the next VM on that subnet.
-                let hash = <sha2::Sha256 as sha2::Digest>::digest(subnet.as_bytes());
-                let bridge: String = std::iter::once("bcpi".to_owned())
-                    .chain(hash.iter().take(5).map(|b| format!("{b:02x}")))
-                    .collect();
+                // The backend keeps a subnet's bridge for the next VM on that subnet.
+                let bridge = cpi_tests::daemons::cpi_bridge_name(subnet);
                 // `delete_vm` leaves a VM's interfaces to the kernel, which destroys
                 // them shortly after the namespace goes: give it a few seconds.
                 let ports = cpi_tests::daemons::bridge_ports_after(
